@@ -1,0 +1,119 @@
+"""The displacement probe: a fixed held-out set of pairs scored every N steps from step 0.
+
+DPO raises the margin between chosen and rejected, but often by lowering both log-probs (the
+chosen one less). The probe shows this directly: mean log-probs of chosen and rejected under the
+policy, their change from the reference, and the share of pairs whose chosen log-prob fell below
+the reference's. Per-example values go to ``probe.csv`` in the run dir (one row per example and
+probe step), so displacement can be studied per example and per length; ``probe.png`` plots the
+mean trajectories at the end of training.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from dpo_lab.losses import PairedLogps
+
+PROBE_COLUMNS = (
+    "step",
+    "example_id",
+    "chosen_tokens",
+    "rejected_tokens",
+    "policy_chosen_logps",
+    "policy_rejected_logps",
+    "reference_chosen_logps",
+    "reference_rejected_logps",
+)
+
+
+class DisplacementProbe(L.Callback):
+    """Scores ``batch`` (a collated probe set) under the policy every ``every_n_steps`` steps.
+
+    The reference level is the reference model's log-probs, or, for reference-free losses (no
+    reference is loaded), the policy's own before its first update, which is the same model.
+    """
+
+    def __init__(
+        self,
+        batch: dict[str, torch.Tensor],
+        example_ids: list[str],
+        every_n_steps: int,
+        out_dir: str | Path,
+    ):
+        if every_n_steps < 1:
+            from dpo_lab.errors import ConfigError
+
+            raise ConfigError(f"probe.every_n_steps must be >= 1, got {every_n_steps}")
+        self.batch, self.ids, self.every = batch, example_ids, every_n_steps
+        self.csv_path = Path(out_dir) / "probe.csv"
+        self.png_path = Path(out_dir) / "probe.png"
+        self.reference: PairedLogps | None = None
+        self.last_step = -1
+        self.last_metrics: dict[str, float] = {}
+
+    @torch.no_grad()
+    def _score(self, pl_module: Any, model: torch.nn.Module) -> PairedLogps:
+        was_training = model.training
+        model.eval()
+        batch = {k: v.to(pl_module.device) for k, v in self.batch.items()}
+        out = pl_module.paired_logps(model, batch)
+        model.train(was_training)
+        return PairedLogps(
+            *(t.cpu() for t in (out.chosen, out.rejected, out.chosen_tokens, out.rejected_tokens))
+        )
+
+    def _record(self, trainer: L.Trainer, pl_module: Any) -> None:
+        step = trainer.global_step
+        if step == self.last_step:
+            return
+        self.last_step = step
+        pol, ref = self._score(pl_module, pl_module.policy), self.reference
+        metrics = {
+            "probe/logps/chosen": pol.chosen.mean().item(),
+            "probe/logps/rejected": pol.rejected.mean().item(),
+            "probe/logratios/chosen": (pol.chosen - ref.chosen).mean().item(),
+            "probe/logratios/rejected": (pol.rejected - ref.rejected).mean().item(),
+            "probe/frac_chosen_below_ref": (pol.chosen < ref.chosen).float().mean().item(),
+        }
+        self.last_metrics = metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        with open(self.csv_path, "a", newline="") as f:
+            w = csv.writer(f)
+            for i, eid in enumerate(self.ids):
+                w.writerow(
+                    [
+                        step,
+                        eid,
+                        int(pol.chosen_tokens[i]),
+                        int(pol.rejected_tokens[i]),
+                        f"{pol.chosen[i].item():.6f}",
+                        f"{pol.rejected[i].item():.6f}",
+                        f"{ref.chosen[i].item():.6f}",
+                        f"{ref.rejected[i].item():.6f}",
+                    ]
+                )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.global_step == 0 or self.reference is None:
+            model = pl_module.reference if pl_module.reference is not None else pl_module.policy
+            self.reference = self._score(pl_module, model)
+        if not self.csv_path.exists():
+            with open(self.csv_path, "w", newline="") as f:
+                csv.writer(f).writerow(PROBE_COLUMNS)
+        self._record(trainer, pl_module)  # step 0: the policy before any update
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step % self.every == 0:
+            self._record(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._record(trainer, pl_module)  # the final policy, whatever N divides
+        from dpo_lab.plots import plot_probe
+
+        plot_probe(self.csv_path, self.png_path)

@@ -1,0 +1,1 @@
+"""Data: sources of preference rows, their tokenization, batching and the data module."""

@@ -1,0 +1,1 @@
+"""Tasks with a known ground-truth reward, built offline by the package."""

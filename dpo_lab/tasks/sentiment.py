@@ -1,0 +1,381 @@
+"""The embedded default: a synthetic controlled-sentiment task (after the DPO paper's IMDb study).
+
+A seeded grammar writes short movie reviews. A prompt names a movie and opens a sentence
+("i watched moonrise and it was"); a completion is one to three clauses built from positive,
+negative and neutral adjectives, nouns, intensifiers and an occasional "not". The ground-truth
+reward is a lexicon score (``reward``), so any policy's quality is known exactly.
+
+``build`` makes, once per config and caches in the user cache dir:
+
+1. a word-level tokenizer (``tokenizers``), wrapped as a transformers fast tokenizer;
+2. the SFT base: a small ``LlamaForCausalLM`` trained on the grammar's reviews, whose latent
+   sentiment is mixed, so the base writes good and bad reviews alike;
+3. preference pairs as in the DPO paper: two completions per prompt sampled from the SFT base,
+   labelled by a Bradley-Terry draw on the true reward (so labels are realistically noisy), with a
+   held-out split. Pairs whose two samples are identical, or where a sample is empty (EOS first),
+   are dropped and counted in ``meta.json``.
+
+The SFT base is ``model=tiny`` and the pairs are ``dataset=sentiment``; both load through the
+same ``from_pretrained`` and jsonl paths as real models and data sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpo_lab.data.sources import PreferenceData
+
+BUILD_VERSION = 2  # bump when the grammar, reward or build procedure changes: new cache key
+
+MOVIES = (
+    "moonrise starfall ironclad daybreak nightfall riverbend wildfire stonegate "
+    "bluewater redshift farland highgarden coldharbor brightwood duskfall northwind"
+).split()
+OPENINGS = (
+    "{m} was",
+    "i watched {m} and it was",
+    "the new film {m} is",
+    "my review of {m} :",
+    "honestly , {m} felt",
+    "we saw {m} last night and it was",
+)
+POSITIVE = (
+    "great wonderful brilliant moving delightful superb charming gripping beautiful "
+    "clever fun stunning"
+).split()
+NEGATIVE = (
+    "awful boring dull terrible clumsy bland tedious messy weak silly lifeless painful".split()
+)
+NEUTRAL = "long short quiet loud slow fast simple strange modern familiar".split()
+NOUNS = "film story plot acting cast ending script music pacing dialogue visuals characters".split()
+INTENSIFIERS = "very truly really so".split()
+FILLERS = ". , and but a the was with not".split()
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+_WEIGHT = {**{w: 1.0 for w in POSITIVE}, **{w: -1.0 for w in NEGATIVE}}
+
+
+def reward(prompt: str, completion: str) -> float:
+    """Ground-truth sentiment of a completion, in (−1, 1).
+
+    Each positive adjective counts +1 and each negative −1; an intensifier right before doubles
+    it, and "not" within the two words before flips it. The score is Σ w / (Σ |w| + 1), so a
+    review's sentiment share matters more than its length. The prompt does not affect the reward
+    (it is an argument so the signature fits tasks where it would).
+    """
+    words = completion.split()
+    total, mass = 0.0, 0.0
+    for i, word in enumerate(words):
+        w = _WEIGHT.get(word)
+        if w is None:
+            continue
+        if i >= 1 and words[i - 1] in INTENSIFIERS:
+            w *= 2.0
+        if "not" in words[max(0, i - 2) : i]:
+            w = -w
+        total += w
+        mass += abs(w)
+    return total / (mass + 1.0)
+
+
+def vocabulary() -> list[str]:
+    """Every word the grammar can write, specials first (ids 0..3)."""
+    words = set(MOVIES) | set(POSITIVE) | set(NEGATIVE) | set(NEUTRAL) | set(NOUNS)
+    words |= set(INTENSIFIERS) | set(FILLERS)
+    for opening in OPENINGS:
+        words |= set(opening.format(m="").split())
+    return list(SPECIALS) + sorted(words)
+
+
+def sample_prompt(rng: random.Random) -> str:
+    return rng.choice(OPENINGS).format(m=rng.choice(MOVIES))
+
+
+def sample_completion(rng: random.Random, p_positive: float) -> str:
+    """A review of 1–3 clauses; each sentiment adjective is positive with probability p."""
+
+    def adjective() -> str:
+        words = []
+        if rng.random() < 0.1:
+            words.append("not")
+        if rng.random() < 0.3:
+            words.append(rng.choice(INTENSIFIERS))
+        if rng.random() < 0.25:
+            words.append(rng.choice(NEUTRAL))
+        else:
+            words.append(rng.choice(POSITIVE if rng.random() < p_positive else NEGATIVE))
+        return " ".join(words)
+
+    def clause() -> str:
+        kind = rng.randrange(4)
+        if kind == 0:
+            return adjective()
+        if kind == 1:
+            return f"a {adjective()} {rng.choice(NOUNS)}"
+        if kind == 2:
+            return f"the {rng.choice(NOUNS)} was {adjective()}"
+        return f"with {adjective()} {rng.choice(NOUNS)}"
+
+    parts = [clause()]
+    for _ in range(rng.choice((0, 1, 1, 2))):
+        parts += [rng.choice(("and", "but", ",", ".")), clause()]
+    return " ".join(parts) + " ."
+
+
+def sample_review(rng: random.Random) -> tuple[str, str]:
+    """(prompt, completion) from the SFT corpus distribution: mixed latent sentiment."""
+    p_positive = rng.choice((0.1, 0.3, 0.5, 0.7, 0.9))
+    return sample_prompt(rng), sample_completion(rng, p_positive)
+
+
+def build_tokenizer():
+    """A word-level fast tokenizer over ``vocabulary()``: BOS prepended, EOS/PAD defined."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="right",
+    )
+
+
+def cache_root() -> Path:
+    """``$DPO_LAB_CACHE``, else ``$XDG_CACHE_HOME/dpo_lab``, else ``~/.cache/dpo_lab``."""
+    if os.environ.get("DPO_LAB_CACHE"):
+        return Path(os.environ["DPO_LAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dpo_lab"
+
+
+def _sft_train(model, tokenizer, rng: random.Random, *, n_sft, steps, batch_size, lr) -> list:
+    """Train the base on completions given prompts (per-token NLL); returns the loss curve."""
+    from dpo_lab.data.collate import encode_example, pad_sequences
+    from dpo_lab.logps import completion_logps
+
+    corpus = [encode_example(tokenizer, *sample_review(rng)) for _ in range(n_sft)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+        ),
+    )
+    model.train()
+    curve = []
+    for step in range(steps):
+        batch = pad_sequences(rng.sample(corpus, batch_size), tokenizer.pad_token_id)
+        logps, tokens = completion_logps(model, **batch)
+        loss = -logps.sum() / tokens.sum()  # token-weighted NLL of completions
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            curve.append((step, round(loss.item(), 4)))
+    model.eval()
+    return curve
+
+
+@torch.no_grad()
+def sample_completions(
+    model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size=256
+):
+    """One sampled completion (temperature 1, full vocabulary) per prompt, decoded to text."""
+    from dpo_lab.evaluation import generate
+
+    return generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+    ).texts
+
+
+def _make_pairs(model, tokenizer, rng, n, *, max_new_tokens, bt_temperature, split):
+    rows, dropped = [], {"identical": 0, "empty": 0}
+    while len(rows) < n:
+        prompts = [sample_prompt(rng) for _ in range(int((n - len(rows)) * 1.2) + 8)]
+        a = sample_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        b = sample_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        for prompt, ya, yb in zip(prompts, a, b, strict=True):
+            if len(rows) == n:
+                break
+            if not ya or not yb:  # the base stopped at once: no response to compare
+                dropped["empty"] += 1
+                continue
+            if ya == yb:
+                dropped["identical"] += 1
+                continue
+            ra, rb = reward(prompt, ya), reward(prompt, yb)
+            p_a = 1.0 / (1.0 + math.exp(-(ra - rb) / bt_temperature))  # Bradley-Terry
+            a_wins = rng.random() < p_a
+            chosen, rejected = (ya, yb) if a_wins else (yb, ya)
+            rc, rr = (ra, rb) if a_wins else (rb, ra)
+            rows.append(
+                {
+                    "id": f"{split}-{len(rows):06d}",
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "reward_chosen": round(rc, 6),
+                    "reward_rejected": round(rr, 6),
+                }
+            )
+    return rows, dropped
+
+
+def cache_key(settings: dict[str, Any]) -> str:
+    blob = json.dumps({"v": BUILD_VERSION, **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build(
+    *,
+    seed: int = 1234,
+    n_sft: int = 8000,
+    n_train: int = 2000,
+    n_val: int = 256,
+    max_new_tokens: int = 24,
+    bt_temperature: float = 0.25,
+    generator: dict[str, Any] | None = None,
+    verbose: bool = True,
+) -> Path:
+    """Build (or find) the cached task artifact and return its directory.
+
+    The directory holds ``model/`` (SFT base + tokenizer, ``save_pretrained`` format),
+    ``train.jsonl``, ``val.jsonl`` and ``meta.json``. It is keyed by every argument, so a sweep's
+    jobs share one build, and written to a temporary directory first and renamed into place, so
+    concurrent builders never see a half-written artifact.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    gen = {
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "intermediate_size": 256,
+        "sft_steps": 600,
+        "sft_batch_size": 64,
+        "sft_lr": 3e-3,
+    }
+    unknown = set(generator or {}) - set(gen)
+    if unknown:
+        from dpo_lab.errors import ConfigError
+
+        raise ConfigError(
+            f"dataset.source.generator: unknown key(s) {sorted(unknown)}; accepted: {sorted(gen)}"
+        )
+    gen.update(generator or {})
+    settings = dict(
+        seed=seed,
+        n_sft=n_sft,
+        n_train=n_train,
+        n_val=n_val,
+        max_new_tokens=max_new_tokens,
+        bt_temperature=bt_temperature,
+        generator=gen,
+    )
+    root = cache_root() / f"sentiment-{cache_key(settings)}"
+    if (root / "meta.json").exists():
+        return root
+
+    t0 = time.time()
+    if verbose:
+        print(f"[dpo_lab] building the embedded sentiment task once, into {root}", flush=True)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=gen["hidden_size"],
+        intermediate_size=gen["intermediate_size"],
+        num_hidden_layers=gen["num_layers"],
+        num_attention_heads=gen["num_heads"],
+        num_key_value_heads=gen["num_heads"],
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    curve = _sft_train(
+        model,
+        tokenizer,
+        rng,
+        n_sft=n_sft,
+        steps=gen["sft_steps"],
+        batch_size=gen["sft_batch_size"],
+        lr=gen["sft_lr"],
+    )
+    t_sft = time.time() - t0
+    kw = dict(max_new_tokens=max_new_tokens, bt_temperature=bt_temperature)
+    train, drop_train = _make_pairs(model, tokenizer, rng, n_train, split="train", **kw)
+    val, drop_val = _make_pairs(model, tokenizer, rng, n_val, split="val", **kw)
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    try:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        for name, rows in (("train", train), ("val", val)):
+            with open(tmp / f"{name}.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        meta = {
+            "settings": settings,
+            "build_version": BUILD_VERSION,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "sft_loss_curve": curve,
+            "dropped_pairs": {"train": drop_train, "val": drop_val},
+            "label_agrees_with_reward": {
+                name: sum(r["reward_chosen"] > r["reward_rejected"] for r in rows) / len(rows)
+                for name, rows in (("train", train), ("val", val))
+            },
+            "build_seconds": {"sft": round(t_sft, 2), "total": round(time.time() - t0, 2)},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished the same build first; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        print(
+            f"[dpo_lab] built in {time.time() - t0:.1f}s: {meta['parameters']} params", flush=True
+        )
+    return root
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def load(**settings: Any) -> PreferenceData:
+    """The task's preference pairs (building the task on first use) and its true reward."""
+    root = build(**settings)
+    return PreferenceData(
+        _read_jsonl(root / "train.jsonl"), _read_jsonl(root / "val.jsonl"), reward_fn=reward
+    )

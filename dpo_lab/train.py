@@ -1,0 +1,215 @@
+"""``python -m dpo_lab.train [group=option ...] [key=value ...]``: one preference-optimization run.
+
+``train(cfg)`` is a plain function of a composed config (tests call it directly); ``main`` is the
+thin Hydra wrapper that turns user mistakes into one-line errors and returns the swept metric.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dpo_lab.callbacks import DisplacementProbe
+from dpo_lab.data.datamodule import PreferenceDataModule
+from dpo_lab.data.sources import PreferenceData
+from dpo_lab.errors import ConfigError, DpoLabError
+from dpo_lab.evaluation import evaluate
+from dpo_lab.losses import LossSpec, bind_loss_kwargs, get_loss
+from dpo_lab.models import load_model, resolve_name_or_path
+from dpo_lab.module import PreferenceModule
+
+log = logging.getLogger("dpo_lab")
+
+# Expected here, not a user's concern: the frozen reference is in eval mode during fit, and the
+# run dir already holds Hydra's files when the CSV logger starts.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
+
+
+def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
+    """Validate what Hydra's struct mode cannot; return the loss and its bound kwargs."""
+    spec = get_loss(cfg.loss.name)
+    kwargs = {
+        k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k != "name"
+    }
+    takes_beta = "beta" in spec.params
+    if takes_beta:
+        beta = cfg.beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+            raise ConfigError(f"beta must be a number > 0 for loss={spec.name}, got {beta!r}")
+    elif cfg.beta is not None:
+        raise ConfigError(f"loss={spec.name} takes no beta; got beta={cfg.beta!r} (leave it unset)")
+    kwargs = bind_loss_kwargs(spec, kwargs)
+    if cfg.probe.size < 1 or cfg.probe.every_n_steps < 1:
+        raise ConfigError("probe.size and probe.every_n_steps must be >= 1")
+    if cfg.eval.num_prompts < 0:
+        raise ConfigError(f"eval.num_prompts must be >= 0, got {cfg.eval.num_prompts}")
+    return spec, kwargs
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config flattened to dotted keys (``loss.name``, ``beta``, ...) for loggers."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
+    keys = [
+        "val/rewards/accuracies",
+        "val/rewards/margins",
+        "val/logps/chosen",
+        "val/logps/rejected",
+        "eval/reward/policy",
+        "eval/reward/reference",
+        "eval/kl",
+        "eval/length/policy",
+        "probe/frac_chosen_below_ref",
+        "wall_time_s",
+    ]
+    width = max(len(k) for k in keys)
+    lines = [f"  {k:<{width}}  {summary[k]:.4f}" for k in keys if k in summary]
+    return "\n".join([f"dpo_lab summary ({summary['loss']}, beta={summary['beta']}):", *lines])
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment described by ``cfg``; return the summary (also written to the run dir)."""
+    t0 = time.time()
+    spec, loss_kwargs = check_config(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    data = instantiate(cfg.dataset.source)
+    if not isinstance(data, PreferenceData):
+        raise ConfigError(
+            f"dataset.source._target_={cfg.dataset.source._target_!r} must return PreferenceData, "
+            f"got {type(data).__name__}"
+        )
+    source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
+    path = resolve_name_or_path(cfg.model.name_or_path, source)
+    tokenizer, policy = load_model(
+        path,
+        dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    # The reference is the policy's starting point; a reference-free loss never builds one.
+    reference = copy.deepcopy(policy) if spec.reference else None
+
+    dm = PreferenceDataModule(
+        data,
+        tokenizer,
+        batch_size=cfg.dataset.batch_size,
+        eval_batch_size=cfg.dataset.eval_batch_size,
+        max_length=cfg.dataset.max_length,
+        max_prompt_length=cfg.dataset.max_prompt_length,
+        probe_size=cfg.probe.size,
+        seed=cfg.seed,
+        num_workers=cfg.dataset.num_workers,
+    )
+    scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None
+    module = PreferenceModule(
+        policy, reference, spec, loss_kwargs, instantiate(cfg.optim.optimizer), scheduler
+    )
+    probe = DisplacementProbe(
+        dm.probe_batch(), [it["id"] for it in dm.probe_items], cfg.probe.every_n_steps, out
+    )
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    hparams = flat_config(cfg)
+    for lg in loggers:
+        lg.log_hyperparams(hparams)
+        lg.log_metrics({f"data/dropped_too_long/{k}": v for k, v in dm.dropped_too_long.items()}, 0)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers, callbacks=[probe], default_root_dir=str(out)
+    )
+    trainer.fit(module, datamodule=dm)
+
+    summary: dict[str, Any] = {
+        "loss": spec.name,
+        "beta": cfg.beta,
+        "seed": cfg.seed,
+        "steps": trainer.global_step,
+    }
+    summary.update(
+        {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    )
+    summary.update(probe.last_metrics)  # the final policy's probe numbers
+
+    if cfg.eval.num_prompts > 0:
+        eval_reference = module.reference
+        if eval_reference is None:  # reference-free loss: load the starting point for eval only
+            eval_reference = load_model(
+                path,
+                dtype=cfg.model.dtype,
+                attn_implementation=cfg.model.attn_implementation,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )[1]
+        eval_reference.to(module.device)
+        prompts = [r["prompt"] for r in data.val[: cfg.eval.num_prompts]]
+        metrics, rows = evaluate(
+            module.policy,
+            eval_reference,
+            tokenizer,
+            prompts,
+            dm.reward_fn,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            temperature=cfg.eval.temperature,
+            top_p=cfg.eval.top_p,
+            seed=cfg.seed,
+        )
+        summary.update(metrics)
+        with open(out / "samples.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        for lg in loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+
+    final = out / "final"
+    module.policy.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    summary["wall_time_s"] = time.time() - t0
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for lg in loggers:
+        lg.save()
+        experiment = getattr(lg, "experiment", None)
+        if hasattr(experiment, "summary"):  # W&B: final numbers in the run summary
+            experiment.summary.update(summary)
+            experiment.finish()
+    print(_format_summary(summary), flush=True)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="pkg://dpo_lab.conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        summary = train(cfg)
+    except DpoLabError as e:
+        print(f"dpo_lab: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    value = summary.get(cfg.optimized_metric) if cfg.optimized_metric else None
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()
