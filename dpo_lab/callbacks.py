@@ -79,6 +79,11 @@ class DisplacementProbe(L.Callback):
             "probe/logratios/chosen": (pol.chosen - ref.chosen).mean().item(),
             "probe/logratios/rejected": (pol.rejected - ref.rejected).mean().item(),
             "probe/frac_chosen_below_ref": (pol.chosen < ref.chosen).float().mean().item(),
+            # implicit-reward accuracy against the starting model, the same for every loss
+            "probe/rewards/accuracies": ((pol.chosen - ref.chosen) > (pol.rejected - ref.rejected))
+            .float()
+            .mean()
+            .item(),
         }
         self.last_metrics = metrics
         for logger in trainer.loggers:

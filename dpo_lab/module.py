@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from dpo_lab.logps import completion_logps
-from dpo_lab.losses import LossSpec, PairedLogps
+from dpo_lab.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps
 
 
 class PreferenceModule(L.LightningModule):
@@ -76,47 +76,79 @@ class PreferenceModule(L.LightningModule):
         with torch.no_grad():
             return self.paired_logps(self.reference, batch)
 
+    @staticmethod
+    def unpaired_logps(
+        model: torch.nn.Module, batch: dict[str, Tensor], grad: bool
+    ) -> UnpairedLogps:
+        """Completions with grad (if asked); mismatched KL rows never (z₀ is detached)."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            logps, tokens = completion_logps(
+                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            )
+        with torch.no_grad():
+            kl, _ = completion_logps(
+                model,
+                batch["kl_input_ids"],
+                batch["kl_attention_mask"],
+                batch["kl_completion_mask"],
+            )
+        return UnpairedLogps(logps, tokens, batch["desirable"], kl)
+
     # -- steps ----------------------------------------------------------------------------------
 
+    def _forward_loss(self, batch: dict[str, Tensor]) -> tuple[Any, Any, LossOutput]:
+        if self.loss.data == "unpaired":
+            policy = self.unpaired_logps(self.policy, batch, grad=True)
+            reference = (
+                self.unpaired_logps(self.reference, batch, grad=False)
+                if self.reference is not None
+                else None
+            )
+        else:
+            policy = self.paired_logps(self.policy, batch)
+            reference = self.reference_paired_logps(batch)
+        return policy, reference, self.loss(policy, reference, **self.loss_kwargs)
+
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
-        policy = self.paired_logps(self.policy, batch)
-        reference = self.reference_paired_logps(batch)
-        out = self.loss(policy, reference, **self.loss_kwargs)
+        policy, reference, out = self._forward_loss(batch)
         loss = out.losses.mean()
-        chosen_r, rejected_r = out.chosen_rewards, out.rejected_rewards
-        metrics = {
-            "loss": loss.detach(),
-            "rewards/chosen": chosen_r.mean(),
-            "rewards/rejected": rejected_r.mean(),
-            "rewards/margins": (chosen_r - rejected_r).mean(),
-            "rewards/accuracies": (chosen_r > rejected_r).float().mean(),
-            "logps/chosen": policy.chosen.detach().mean(),
-            "logps/rejected": policy.rejected.detach().mean(),
-            **{k: v for k, v in out.metrics.items()},
-        }
-        if reference is not None:
-            metrics["ref_logps/chosen"] = reference.chosen.mean()
-            metrics["ref_logps/rejected"] = reference.rejected.mean()
-        B = policy.chosen.shape[0]
         train = split == "train"
-        self.log_dict(
-            {f"{split}/{k}": v for k, v in metrics.items()},
-            batch_size=B,
-            on_step=train,
-            on_epoch=not train,
-        )
-        # the progress bar: short names, no duplicates in the logs
-        self.log(
-            "loss", loss.detach(), prog_bar=True, logger=False, batch_size=B, on_epoch=not train
-        )
-        self.log(
-            "acc",
-            metrics["rewards/accuracies"],
-            prog_bar=True,
-            logger=False,
-            batch_size=B,
-            on_epoch=not train,
-        )
+        # (value, batch size) per metric, so epoch means weight every example equally
+        metrics: dict[str, tuple[Tensor, int]] = {"loss": (loss.detach(), len(out.losses))}
+        metrics.update({k: (v, len(out.losses)) for k, v in out.metrics.items()})
+        if isinstance(policy, PairedLogps):
+            chosen_r, rejected_r = out.chosen_rewards, out.rejected_rewards
+            B = len(chosen_r)
+            metrics.update(
+                {
+                    "rewards/chosen": (chosen_r.mean(), B),
+                    "rewards/rejected": (rejected_r.mean(), B),
+                    "rewards/margins": ((chosen_r - rejected_r).mean(), B),
+                    "rewards/accuracies": ((chosen_r > rejected_r).float().mean(), B),
+                    "logps/chosen": (policy.chosen.detach().mean(), B),
+                    "logps/rejected": (policy.rejected.detach().mean(), B),
+                }
+            )
+            if reference is not None:
+                metrics["ref_logps/chosen"] = (reference.chosen.mean(), B)
+                metrics["ref_logps/rejected"] = (reference.rejected.mean(), B)
+        else:  # unpaired: "chosen" = desirable examples, "rejected" = undesirable ones
+            for name, sel in (("chosen", policy.desirable), ("rejected", ~policy.desirable)):
+                n = int(sel.sum())
+                if n == 0:
+                    continue
+                metrics[f"rewards/{name}"] = (out.chosen_rewards[sel].mean(), n)
+                metrics[f"logps/{name}"] = (policy.completion.detach()[sel].mean(), n)
+                if reference is not None:
+                    metrics[f"ref_logps/{name}"] = (reference.completion[sel].mean(), n)
+        for k, (v, n) in metrics.items():
+            self.log(f"{split}/{k}", v, batch_size=n, on_step=train, on_epoch=not train)
+        # the progress bar: short names, kept out of the logs
+        bar = {"loss": "loss", "acc": "rewards/accuracies"}
+        for short, k in bar.items():
+            if k in metrics:
+                v, n = metrics[k]
+                self.log(short, v, prog_bar=True, logger=False, batch_size=n, on_epoch=not train)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
 def _format_summary(summary: dict[str, Any]) -> str:
     keys = [
         "val/rewards/accuracies",
+        "probe/rewards/accuracies",
         "val/rewards/margins",
         "val/logps/chosen",
         "val/logps/rejected",
@@ -91,9 +93,25 @@ def _format_summary(summary: dict[str, Any]) -> str:
     return "\n".join([f"dpo_lab summary ({summary['loss']}, beta={summary['beta']}):", *lines])
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment described by ``cfg``; return the summary (also written to the run dir)."""
-    t0 = time.time()
+@dataclass
+class Run:
+    """Everything one run is made of, built from the config before training starts."""
+
+    cfg: DictConfig
+    out: Path
+    spec: LossSpec
+    data: PreferenceData
+    model_path: str
+    tokenizer: Any
+    datamodule: PreferenceDataModule
+    module: PreferenceModule
+    probe: DisplacementProbe
+    loggers: list[Any]
+    trainer: L.Trainer
+
+
+def build(cfg: DictConfig) -> Run:
+    """Check ``cfg`` and build data, models, module, callbacks, loggers and trainer."""
     spec, loss_kwargs = check_config(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,12 +126,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
     path = resolve_name_or_path(cfg.model.name_or_path, source)
-    tokenizer, policy = load_model(
-        path,
-        dtype=cfg.model.dtype,
-        attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    tokenizer, policy = _load(cfg, path)
     # The reference is the policy's starting point; a reference-free loss never builds one.
     reference = copy.deepcopy(policy) if spec.reference else None
 
@@ -127,6 +140,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         probe_size=cfg.probe.size,
         seed=cfg.seed,
         num_workers=cfg.dataset.num_workers,
+        unpaired=spec.data == "unpaired",
     )
     scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None
     module = PreferenceModule(
@@ -140,13 +154,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(hparams)
         lg.log_metrics({f"data/dropped_too_long/{k}": v for k, v in dm.dropped_too_long.items()}, 0)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=loggers, callbacks=[probe], default_root_dir=str(out)
-    )
-    trainer.fit(module, datamodule=dm)
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[probe], default_root_dir=str(out))
+    return Run(cfg, out, spec, data, path, tokenizer, dm, module, probe, loggers, trainer)
 
+
+def _load(cfg: DictConfig, path: str) -> tuple[Any, Any]:
+    return load_model(
+        path,
+        dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
+def finish(run: Run, t0: float) -> dict[str, Any]:
+    """After fit: evaluate, save ``final/`` and ``summary.json``, close the loggers."""
+    cfg, module, trainer, out = run.cfg, run.module, run.trainer, run.out
     summary: dict[str, Any] = {
-        "loss": spec.name,
+        "loss": run.spec.name,
         "beta": cfg.beta,
         "seed": cfg.seed,
         "steps": trainer.global_step,
@@ -154,25 +179,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary.update(
         {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     )
-    summary.update(probe.last_metrics)  # the final policy's probe numbers
+    summary.update(run.probe.last_metrics)  # the final policy's probe numbers
 
     if cfg.eval.num_prompts > 0:
         eval_reference = module.reference
         if eval_reference is None:  # reference-free loss: load the starting point for eval only
-            eval_reference = load_model(
-                path,
-                dtype=cfg.model.dtype,
-                attn_implementation=cfg.model.attn_implementation,
-                trust_remote_code=cfg.model.trust_remote_code,
-            )[1]
+            eval_reference = _load(cfg, run.model_path)[1]
         eval_reference.to(module.device)
-        prompts = [r["prompt"] for r in data.val[: cfg.eval.num_prompts]]
+        prompts = [r["prompt"] for r in run.data.val[: cfg.eval.num_prompts]]
         metrics, rows = evaluate(
             module.policy,
             eval_reference,
-            tokenizer,
+            run.tokenizer,
             prompts,
-            dm.reward_fn,
+            run.datamodule.reward_fn,
             max_new_tokens=cfg.eval.max_new_tokens,
             batch_size=cfg.eval.batch_size,
             temperature=cfg.eval.temperature,
@@ -182,20 +202,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary.update(metrics)
         with open(out / "samples.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-        for lg in loggers:
+        for lg in run.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
     final = out / "final"
     module.policy.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+    run.tokenizer.save_pretrained(final)
     summary["wall_time_s"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    for lg in loggers:
+    for lg in run.loggers:
         lg.save()
         experiment = getattr(lg, "experiment", None)
         if hasattr(experiment, "summary"):  # W&B: final numbers in the run summary
             experiment.summary.update(summary)
             experiment.finish()
+    return summary
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment described by ``cfg``; return the summary (also written to the run dir)."""
+    t0 = time.time()
+    run = build(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    summary = finish(run, t0)
     print(_format_summary(summary), flush=True)
     return summary
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 
 def encode_example(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """(prompt_ids, completion_ids) with BOS per tokenizer on the prompt and EOS on the completion."""
+    """(prompt_ids, completion_ids): BOS per tokenizer on the prompt, EOS on the completion."""
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     eos = tokenizer.eos_token_id
     if eos is not None and prompt_ids and prompt_ids[-1] == eos:  # tokenizers that append EOS
@@ -68,5 +68,31 @@ class PreferenceCollator:
         chosen = [(it["prompt_ids"], it["chosen_ids"]) for it in items]
         rejected = [(it["prompt_ids"], it["rejected_ids"]) for it in items]
         batch = pad_sequences(chosen + rejected, self.pad_id)
+        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        return batch
+
+
+class UnpairedCollator:
+    """Batches single completions with binary labels (KTO), plus mismatched rows for its KL term.
+
+    Each item has ``prompt_ids``, ``completion_ids``, ``desirable`` and ``index``. Row i of the
+    KL block pairs prompt i with the completion of item (i + 1) mod B, so every KL row is a
+    prompt/completion mismatch whenever B ≥ 2 (the loss rejects B < 2).
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+        B = len(items)
+        batch = pad_sequences(
+            [(it["prompt_ids"], it["completion_ids"]) for it in items], self.pad_id
+        )
+        kl = pad_sequences(
+            [(items[i]["prompt_ids"], items[(i + 1) % B]["completion_ids"]) for i in range(B)],
+            self.pad_id,
+        )
+        batch.update({f"kl_{k}": v for k, v in kl.items()})
+        batch["desirable"] = torch.tensor([bool(it["desirable"]) for it in items])
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         return batch

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from dpo_lab.data.collate import PreferenceCollator, encode_example
+from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_example
 from dpo_lab.data.sources import PreferenceData
 from dpo_lab.errors import DataError
 
@@ -55,6 +55,23 @@ def tokenize_pairs(
     return items, dropped
 
 
+def split_pairs(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired items → unpaired ones: each chosen completion desirable, each rejected not."""
+    out = []
+    for it in items:
+        for ids, desirable in ((it["chosen_ids"], True), (it["rejected_ids"], False)):
+            out.append(
+                {
+                    "index": len(out),
+                    "id": f"{it['id']}/{'chosen' if desirable else 'rejected'}",
+                    "prompt_ids": it["prompt_ids"],
+                    "completion_ids": ids,
+                    "desirable": desirable,
+                }
+            )
+    return out
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Tokenized train/val pairs, a fixed probe set and the held-out prompts for evaluation.
 
@@ -67,6 +84,8 @@ class PreferenceDataModule(L.LightningDataModule):
         max_prompt_length: prompt tokens kept (cut from the left).
         probe_size: held-out pairs in the displacement probe (the first ones of val).
         seed: shuffling seed.
+        unpaired: serve single labelled completions (for unpaired losses such as KTO): each pair
+            is split into a desirable and an undesirable example. The probe stays paired.
     """
 
     def __init__(
@@ -81,6 +100,7 @@ class PreferenceDataModule(L.LightningDataModule):
         probe_size: int,
         seed: int,
         num_workers: int = 0,
+        unpaired: bool = False,
     ):
         super().__init__()
         if tokenizer.pad_token_id is None:
@@ -95,6 +115,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
         self.collate = PreferenceCollator(tokenizer.pad_token_id)
+        self.unpaired = unpaired
+        self.loader_collate = UnpairedCollator(tokenizer.pad_token_id) if unpaired else self.collate
         kw = dict(max_length=max_length, max_prompt_length=max_prompt_length)
         self.train_items, drop_train = tokenize_pairs(data.train, tokenizer, **kw)
         self.val_items, drop_val = tokenize_pairs(data.val, tokenizer, **kw)
@@ -104,6 +126,11 @@ class PreferenceDataModule(L.LightningDataModule):
                 f"no pair fits max_length={max_length} (dropped {self.dropped_too_long})"
             )
         self.probe_items = self.val_items[:probe_size]
+        if unpaired:
+            self.train_items, self.val_items = (
+                split_pairs(self.train_items),
+                split_pairs(self.val_items),
+            )
 
     @property
     def reward_fn(self):
@@ -116,18 +143,33 @@ class PreferenceDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=True,
             generator=g,
-            collate_fn=self.collate,
+            collate_fn=self.loader_collate,
             num_workers=self.num_workers,
-            drop_last=False,
+            drop_last=self._lone_last(len(self.train_items), self.batch_size, "train"),
         )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
             self.val_items,
             batch_size=self.eval_batch_size,
-            collate_fn=self.collate,
+            collate_fn=self.loader_collate,
             num_workers=self.num_workers,
+            drop_last=self._lone_last(len(self.val_items), self.eval_batch_size, "val"),
         )
 
+    def _lone_last(self, n: int, batch_size: int, split: str) -> bool:
+        """Unpaired losses need ≥ 2 examples a batch: drop a last batch of one, and say so."""
+        if self.unpaired and n % batch_size == 1:
+            import warnings
+
+            warnings.warn(
+                f"{split}: the last batch would hold 1 example, too few for an unpaired loss's KL "
+                f"estimate; it is left out of each epoch ({n} examples, batch size {batch_size})",
+                stacklevel=2,
+            )
+            return True
+        return False
+
     def probe_batch(self) -> dict[str, torch.Tensor]:
+        """The probe set as one paired batch (whatever the loss's data kind)."""
         return self.collate(self.probe_items)
