@@ -118,15 +118,16 @@ def build(cfg: DictConfig) -> Run:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    # The model first: a wrong path fails before any data is read or built.
+    source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
+    path = resolve_name_or_path(cfg.model.name_or_path, source)
+    tokenizer, policy = _load(cfg, path)
     data = instantiate(cfg.dataset.source)
     if not isinstance(data, PreferenceData):
         raise ConfigError(
             f"dataset.source._target_={cfg.dataset.source._target_!r} must return PreferenceData, "
             f"got {type(data).__name__}"
         )
-    source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
-    path = resolve_name_or_path(cfg.model.name_or_path, source)
-    tokenizer, policy = _load(cfg, path)
     # The reference is the policy's starting point; a reference-free loss never builds one.
     reference = copy.deepcopy(policy) if spec.reference else None
 

@@ -1,0 +1,107 @@
+"""Every config group composes; user mistakes give a one-line error naming the key or file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SMALL, make_cfg
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError
+
+from dpo_lab.errors import ConfigError
+from dpo_lab.losses import LOSSES
+from dpo_lab.train import check_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["model", "dataset", "loss", "optim", "trainer", "logger"]
+
+
+@pytest.mark.parametrize(
+    "group, option",
+    [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))],
+)
+def test_every_group_option_composes(tmp_path, group, option):
+    cfg = make_cfg(tmp_path, f"{group}={option}")
+    check_config(cfg)  # loss keys match the function, beta is valid, ...
+    if group == "loss":
+        assert cfg.loss.name == option
+
+
+def test_every_registered_loss_has_a_yaml():
+    assert {p.stem for p in (CONF / "loss").glob("*.yaml")} == set(LOSSES)
+
+
+def test_beta_default_comes_from_the_loss_and_cli_wins(tmp_path):
+    assert make_cfg(tmp_path).loss.beta == 0.1
+    assert make_cfg(tmp_path, "loss=simpo").loss.beta == 2.0
+    assert make_cfg(tmp_path, "loss=simpo", "beta=0.05").loss.beta == 0.05
+    assert make_cfg(tmp_path, "beta=0.05", "loss=ipo").loss.beta == 0.05  # order does not matter
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["beta=0"], "beta must be a number > 0"),
+        (["beta=-0.1"], "beta must be a number > 0"),
+        (["loss=sft", "beta=0.1"], "loss=sft takes no beta"),
+        (["loss.name=dpoo"], "registered: .*dpo"),
+        (["probe.every_n_steps=0"], "probe"),
+    ],
+)
+def test_bad_values_are_config_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(make_cfg(tmp_path, *overrides))
+
+
+def test_unknown_keys_fail_loudly(tmp_path):
+    with pytest.raises(ConfigCompositionException):
+        make_cfg(tmp_path, "trainer.max_epoch=2")  # typo of max_epochs
+    with pytest.raises(ConfigCompositionException):
+        make_cfg(tmp_path, "loss=nonexistent")
+    with pytest.raises(ConfigError, match=r"loss\.gama.*accepted: beta, gamma"):
+        check_config(make_cfg(tmp_path, "loss=simpo", "+loss.gama=1.0"))
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(ConfigAttributeError):
+        cfg.trainer.max_epoch = 1  # struct mode holds after composition too
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "dpo_lab.train", *SMALL, *args, f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["beta=0"], "dpo_lab: error: beta must be a number > 0 for loss=dpo, got 0"),
+        (
+            ["model.name_or_path=/no/such/model"],
+            "dpo_lab: error: model.name_or_path='/no/such/model': no such model directory",
+        ),
+        (["model.name_or_path=builtin:imdb"], "unknown builtin; known: builtin:sentiment"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, expected):
+    proc = cli(tmp_path, *args)
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "dpo_lab: error" in line]) == 1
+
+
+def test_cli_unknown_loss_lists_the_options(tmp_path):
+    proc = cli(tmp_path, "loss=dpoo")
+    assert proc.returncode != 0
+    assert "Could not find 'loss/dpoo'" in proc.stderr
+    assert "dpo" in proc.stderr and "simpo" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,76 @@
+"""The embedded sentiment task: its reward by hand, tokenizer, and a deterministic cached build."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpo_lab.data.collate import encode_example
+from dpo_lab.tasks import sentiment
+
+SMALL = dict(
+    n_sft=300,
+    n_train=24,
+    n_val=8,
+    max_new_tokens=8,
+    generator=dict(hidden_size=16, intermediate_size=32, sft_steps=20, num_heads=2),
+    verbose=False,
+)
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("great .", 1 / 2),  # +1 / (1 + 1)
+        ("a very great film .", 2 / 3),  # intensified: +2 / (2 + 1)
+        ("the plot was not great .", -1 / 2),  # negated
+        ("awful but great .", 0.0),  # (−1 + 1) / (2 + 1)
+        ("the plot was long .", 0.0),  # neutral only
+        ("awful awful awful", -3 / 4),
+        ("", 0.0),
+    ],
+)
+def test_reward_by_hand(completion, expected):
+    assert sentiment.reward("moonrise was", completion) == pytest.approx(expected)
+
+
+def test_tokenizer_round_trip_and_special_tokens():
+    tok = sentiment.build_tokenizer()
+    prompt, completion = "i watched moonrise and it was", "a truly great film ."
+    p, c = encode_example(tok, prompt, completion)
+    assert p[0] == tok.bos_token_id and c[-1] == tok.eos_token_id
+    assert tok.decode(p, skip_special_tokens=True) == prompt
+    assert tok.decode(c, skip_special_tokens=True) == completion
+    assert tok.unk_token_id not in p + c
+
+
+def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_LAB_CACHE", str(tmp_path / "a"))
+    root_a = sentiment.build(**SMALL)
+    monkeypatch.setenv("DPO_LAB_CACHE", str(tmp_path / "b"))
+    root_b = sentiment.build(**SMALL)
+    for name in ("train.jsonl", "val.jsonl"):
+        assert (root_a / name).read_text() == (root_b / name).read_text()
+    mtime = (root_b / "meta.json").stat().st_mtime_ns
+    assert sentiment.build(**SMALL) == root_b  # found in the cache, not rebuilt
+    assert (root_b / "meta.json").stat().st_mtime_ns == mtime
+    # a different setting is a different artifact
+    assert sentiment.build(**{**SMALL, "bt_temperature": 0.5}) != root_b
+
+    rows = [json.loads(line) for line in (root_a / "train.jsonl").open()]
+    assert len(rows) == 24 and len({r["id"] for r in rows}) == 24
+    for r in rows:
+        assert r["chosen"] != r["rejected"] and r["chosen"] and r["rejected"]
+        assert r["reward_chosen"] == pytest.approx(
+            sentiment.reward(r["prompt"], r["chosen"]), abs=1e-6
+        )
+    meta = json.loads((root_a / "meta.json").read_text())
+    assert meta["settings"]["n_train"] == 24 and "dropped_pairs" in meta
+
+
+def test_unknown_generator_key_is_an_error():
+    from dpo_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hidden_sise"):
+        sentiment.build(**{**SMALL, "generator": {"hidden_sise": 8}})

@@ -1,0 +1,194 @@
+"""End to end on the shrunk embedded task: artifacts, metric names, the frozen reference,
+checkpoints without the reference, every registered loss training, and W&B offline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_lab.losses import LOSSES
+from dpo_lab.train import build, finish, train
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+PAIRED_METRICS = [
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+    "logps/chosen", "logps/rejected", "ref_logps/chosen", "ref_logps/rejected",
+]  # fmt: skip
+PROBE_METRICS = [
+    "probe/logps/chosen", "probe/logps/rejected", "probe/logratios/chosen",
+    "probe/logratios/rejected", "probe/frac_chosen_below_ref", "probe/rewards/accuracies",
+]  # fmt: skip
+
+
+def header(path: Path) -> list[str]:
+    with open(path) as f:
+        return next(csv.reader(f))
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    from conftest import make_cfg
+
+    out = tmp_path_factory.mktemp("dpo_run")
+    summary = train(make_cfg(out))
+    return out, summary
+
+
+@pytest.mark.slow
+def test_artifacts(dpo_run):
+    out, summary = dpo_run
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "probe.csv",
+        "probe.png",
+        "summary.json",
+        "samples.jsonl",
+        "final/config.json",
+        "final/tokenizer.json",
+    ):
+        assert (out / name).exists(), name
+    assert json.loads((out / "summary.json").read_text()) == pytest.approx(summary)
+    assert summary["steps"] == 6  # 96 pairs / 16 per batch, 1 epoch
+    assert 0.0 <= summary["val/rewards/accuracies"] <= 1.0
+    assert summary["eval/reward/reference"] == pytest.approx(
+        sum(json.loads(line)["reference_reward"] for line in open(out / "samples.jsonl")) / 16
+    )
+    from PIL import Image  # matplotlib depends on pillow
+
+    assert Image.open(out / "probe.png").size[0] > 300
+
+
+@pytest.mark.slow
+def test_metric_names_are_logged_and_documented(dpo_run):
+    out, _ = dpo_run
+    cols = set(header(out / "metrics.csv"))
+    expected = {f"{s}/{m}" for s in ("train", "val") for m in PAIRED_METRICS} | set(PROBE_METRICS)
+    expected |= {"eval/reward/policy", "eval/reward/reference", "eval/kl"}
+    assert expected <= cols, expected - cols
+    documented = documented_metrics()
+    undocumented = sorted(c for c in cols if "/" in c and c not in documented)
+    assert not undocumented, f"metrics missing from the README table: {undocumented}"
+
+
+def documented_metrics() -> set[str]:
+    """Names in the first column of the README's metrics table, ``{a,b}/x`` expanded."""
+    text = README.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    names = set()
+    for line in text.splitlines():
+        if not line.startswith("| `"):
+            continue
+        for name in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            m = re.match(r"\{([^}]*)\}(.*)", name)
+            names |= {p + m.group(2) for p in m.group(1).split(",")} if m else {name}
+    return names
+
+
+@pytest.mark.slow
+def test_probe_table(dpo_run):
+    out, _ = dpo_run
+    rows = list(csv.DictReader(open(out / "probe.csv")))
+    steps = sorted({int(r["step"]) for r in rows})
+    assert steps == [0, 2, 4, 6]  # step 0, every 2 steps, the last
+    assert len(rows) == 16 * len(steps)
+    step0 = [r for r in rows if r["step"] == "0"]
+    for r in step0:  # before any update the policy is the reference
+        assert float(r["policy_chosen_logps"]) == pytest.approx(float(r["reference_chosen_logps"]))
+    last = [r for r in rows if int(r["step"]) == 6]
+    assert any(float(r["policy_chosen_logps"]) != float(r["reference_chosen_logps"]) for r in last)
+
+
+@pytest.mark.slow
+def test_final_loads_with_transformers(dpo_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = dpo_run
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok("moonrise was", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape[-1] == len(tok)
+
+
+def fit_steps(cfg):
+    """Build a run and train it, keeping copies of the starting weights."""
+    run = build(cfg)
+    start = {k: v.clone() for k, v in run.module.policy.state_dict().items()}
+    ref_start = (
+        {k: v.clone() for k, v in run.module.reference.state_dict().items()}
+        if run.module.reference is not None
+        else None
+    )
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    return run, start, ref_start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_trains_and_the_reference_stays_frozen(cfg_factory, name):
+    run, start, ref_start = fit_steps(
+        cfg_factory(
+            f"loss={name}", "trainer.max_steps=2", "eval.num_prompts=0", "optim.scheduler=null"
+        )
+    )
+    module = run.module
+    assert run.trainer.global_step == 2
+    changed = {
+        k: not torch.equal(v, start[k])
+        for k, v in module.policy.named_parameters()
+        if v.requires_grad
+    }
+    assert all(changed.values()), [k for k, c in changed.items() if not c]
+    if LOSSES[name].reference:
+        assert module.reference is not None and not module.reference.training
+        for k, v in module.reference.state_dict().items():
+            assert torch.equal(v, ref_start[k]), k
+        assert all(not p.requires_grad and p.grad is None for p in module.reference.parameters())
+        opt_params = {id(p) for g in run.trainer.optimizers[0].param_groups for p in g["params"]}
+        assert not opt_params & {id(p) for p in module.reference.parameters()}
+    else:
+        assert module.reference is None  # a reference-free loss never builds one
+
+
+@pytest.mark.slow
+def test_checkpoint_leaves_the_reference_out(cfg_factory, tmp_path):
+    run, _, _ = fit_steps(cfg_factory("trainer.max_steps=2", "eval.num_prompts=0"))
+    path = tmp_path / "x.ckpt"
+    run.trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert state and all(k.startswith("policy.") for k in state)
+    # and it loads back strictly into a freshly built module
+    fresh = build(cfg_factory("trainer.max_steps=2", "eval.num_prompts=0"))
+    ckpt = torch.load(path, weights_only=False)
+    fresh.module.on_load_checkpoint(ckpt)
+    fresh.module.load_state_dict(ckpt["state_dict"], strict=True)
+    for k, v in fresh.module.policy.state_dict().items():
+        assert torch.equal(v, run.module.policy.state_dict()[k])
+
+
+@pytest.mark.slow
+def test_wandb_offline(cfg_factory):
+    cfg = cfg_factory("logger=wandb", "trainer.max_steps=2", "eval.num_prompts=4")
+    run, _, _ = fit_steps(cfg)
+    summary = finish(run, 0.0)
+    out = Path(cfg.output_dir)
+    assert (out / "metrics.csv").exists()  # CSV is always written
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert "eval/kl" in summary
+
+
+@pytest.mark.slow
+def test_the_default_learns(tmp_path):
+    """The real default config (not shrunk) moves the policy toward the true reward."""
+    from conftest import make_cfg
+
+    cfg = make_cfg(tmp_path, "trainer.enable_progress_bar=false", small=False)
+    summary = train(cfg)
+    assert summary["eval/reward/policy"] > summary["eval/reward/reference"] + 0.3
+    assert summary["val/rewards/accuracies"] > 0.6
