@@ -86,6 +86,8 @@ class DisplacementProbe(L.Callback):
             .item(),
         }
         self.last_metrics = metrics
+        if not trainer.is_global_zero:  # one table and one log per run, not one per process
+            return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         with open(self.csv_path, "a", newline="") as f:
@@ -108,7 +110,7 @@ class DisplacementProbe(L.Callback):
         if trainer.global_step == 0 or self.reference is None:
             model = pl_module.reference if pl_module.reference is not None else pl_module.policy
             self.reference = self._score(pl_module, model)
-        if not self.csv_path.exists():
+        if trainer.is_global_zero and not self.csv_path.exists():
             with open(self.csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(PROBE_COLUMNS)
         self._record(trainer, pl_module)  # step 0: the policy before any update
@@ -119,6 +121,7 @@ class DisplacementProbe(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._record(trainer, pl_module)  # the final policy, whatever N divides
-        from dpo_lab.plots import plot_probe
+        if trainer.is_global_zero:
+            from dpo_lab.plots import plot_probe
 
-        plot_probe(self.csv_path, self.png_path)
+            plot_probe(self.csv_path, self.png_path)

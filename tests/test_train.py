@@ -192,3 +192,61 @@ def test_the_default_learns(tmp_path):
     summary = train(cfg)
     assert summary["eval/reward/policy"] > summary["eval/reward/reference"] + 0.3
     assert summary["val/rewards/accuracies"] > 0.6
+
+
+@pytest.mark.slow
+def test_a_local_model_directory_goes_through_the_hub_path(cfg_factory, tmp_path):
+    """``model.name_or_path=<dir>`` loads with ``Auto*.from_pretrained``, as a hub id would."""
+    from conftest import tiny_llama
+
+    from dpo_lab.tasks.sentiment import build_tokenizer
+
+    tok = build_tokenizer()
+    model = tiny_llama(vocab=len(tok), seed=3)
+    model.save_pretrained(tmp_path / "local")
+    tok.save_pretrained(tmp_path / "local")
+    run, start, _ = fit_steps(
+        cfg_factory(
+            f"model.name_or_path={tmp_path / 'local'}", "trainer.max_steps=2", "eval.num_prompts=0"
+        )
+    )
+    assert run.module.policy.config.hidden_size == 32  # the local model, not the builtin one
+    assert run.trainer.global_step == 2
+    assert not torch.equal(
+        run.module.policy.state_dict()["lm_head.weight"], start["lm_head.weight"]
+    )
+
+
+def readme_block(lang: str, after: str) -> str:
+    text = README.read_text().split(after, 1)[1]
+    return text.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_adding_a_loss_example_works(tmp_path):
+    """The README's new-loss example, as written, registers, composes and trains two steps."""
+    from conftest import make_cfg
+
+    import dpo_lab.losses as losses
+
+    code = readme_block("python", "### Adding a loss")
+    yaml_text = readme_block("yaml", "### Adding a loss")
+    name = re.search(r'@register_loss\("(\w+)"', code).group(1)
+    conf = tmp_path / "conf" / "loss"
+    conf.mkdir(parents=True)
+    (conf / f"{name}.yaml").write_text(yaml_text)
+    try:
+        exec(compile(code, "README.md", "exec"), vars(losses))
+        cfg = make_cfg(
+            tmp_path / "run",
+            f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            f"loss={name}",
+            "trainer.max_steps=2",
+            "eval.num_prompts=0",
+        )
+        assert cfg.loss.name == name
+        run = build(cfg)
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+        assert run.trainer.global_step == 2
+    finally:
+        losses.LOSSES.pop(name, None)
