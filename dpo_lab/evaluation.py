@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dpo_lab.data.collate import encode_example, pad_sequences
+from dpo_lab.data.collate import encode_prompt, pad_sequences
 from dpo_lab.logps import completion_logps
 
 
@@ -31,7 +31,7 @@ class Generations:
 def generate(
     model: Any,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: list[Any],
     *,
     max_new_tokens: int,
     batch_size: int = 64,
@@ -45,7 +45,7 @@ def generate(
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     out = Generations(prompts, [], [], [])
     for start in range(0, len(prompts), batch_size):
-        chunk = [encode_example(tokenizer, p, "")[0] for p in prompts[start : start + batch_size]]
+        chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         P = max(len(ids) for ids in chunk)
         input_ids = torch.full((len(chunk), P), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), P), dtype=torch.long)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_lab.callbacks import DisplacementProbe
 from dpo_lab.data.datamodule import PreferenceDataModule
+from dpo_lab.data.formats import prepare
 from dpo_lab.data.sources import PreferenceData
 from dpo_lab.errors import ConfigError, DpoLabError
 from dpo_lab.evaluation import evaluate
@@ -57,6 +58,16 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
     if cfg.eval.num_prompts < 0:
         raise ConfigError(f"eval.num_prompts must be >= 0, got {cfg.eval.num_prompts}")
     return spec, kwargs
+
+
+def read_chat_template(value: str) -> str:
+    """``dataset.chat_template``: a Jinja template, or the path of a file holding one."""
+    p = Path(value).expanduser()
+    if "{" not in value and p.suffix in (".jinja", ".j2", ".txt", ".tmpl") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"dataset.chat_template: no such file {value!r}")
+        return p.read_text()
+    return value
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
@@ -105,7 +116,7 @@ class Run:
     tokenizer: Any
     datamodule: PreferenceDataModule
     module: PreferenceModule
-    probe: DisplacementProbe
+    probe: DisplacementProbe | None
     loggers: list[Any]
     trainer: L.Trainer
 
@@ -122,15 +133,26 @@ def build(cfg: DictConfig) -> Run:
     source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
     path = resolve_name_or_path(cfg.model.name_or_path, source)
     tokenizer, policy = _load(cfg, path)
-    data = instantiate(cfg.dataset.source)
-    if not isinstance(data, PreferenceData):
-        raise ConfigError(
-            f"dataset.source._target_={cfg.dataset.source._target_!r} must return PreferenceData, "
-            f"got {type(data).__name__}"
-        )
+    if cfg.dataset.chat_template:
+        tokenizer.chat_template = read_chat_template(cfg.dataset.chat_template)
     # The reference is the policy's starting point; a reference-free loss never builds one.
     reference = copy.deepcopy(policy) if spec.reference else None
 
+    raw = instantiate(cfg.dataset.source)
+    if not isinstance(raw, PreferenceData):
+        raise ConfigError(
+            f"dataset.source._target_={cfg.dataset.source._target_!r} must return PreferenceData, "
+            f"got {type(raw).__name__}"
+        )
+    data = prepare(
+        raw,
+        format=cfg.dataset.format,
+        columns=OmegaConf.to_container(cfg.dataset.columns),
+        on_bad_row=cfg.dataset.on_bad_row,
+        label_noise=cfg.dataset.label_noise,
+        max_samples=cfg.dataset.max_samples,
+        seed=cfg.dataset.seed,
+    )
     dm = PreferenceDataModule(
         data,
         tokenizer,
@@ -142,20 +164,31 @@ def build(cfg: DictConfig) -> Run:
         seed=cfg.seed,
         num_workers=cfg.dataset.num_workers,
         unpaired=spec.data == "unpaired",
+        group_by_length=cfg.dataset.group_by_length,
+        cache=cfg.dataset.cache_tokenized,
     )
     scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None
     module = PreferenceModule(
         policy, reference, spec, loss_kwargs, instantiate(cfg.optim.optimizer), scheduler
     )
-    probe = DisplacementProbe(
-        dm.probe_batch(), [it["id"] for it in dm.probe_items], cfg.probe.every_n_steps, out
-    )
+    callbacks: list[Any] = []
+    probe = None
+    if dm.probe_items:
+        ids = [it["id"] for it in dm.probe_items]
+        probe = DisplacementProbe(dm.probe_batch(), ids, cfg.probe.every_n_steps, out)
+        callbacks.append(probe)
+    else:
+        log.warning("unpaired data has no pairs: the displacement probe is off for this run")
     loggers = [instantiate(c) for c in cfg.logger.values()]
     hparams = flat_config(cfg)
+    data_stats = {f"data/dropped_too_long/{k}": v for k, v in dm.dropped_too_long.items()}
+    data_stats.update({f"data/{k}": v for k, v in data.stats.items()})
     for lg in loggers:
         lg.log_hyperparams(hparams)
-        lg.log_metrics({f"data/dropped_too_long/{k}": v for k, v in dm.dropped_too_long.items()}, 0)
-    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=[probe], default_root_dir=str(out))
+        lg.log_metrics(data_stats, 0)
+    trainer = instantiate(
+        cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(out)
+    )
     return Run(cfg, out, spec, data, path, tokenizer, dm, module, probe, loggers, trainer)
 
 
@@ -180,7 +213,8 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
     summary.update(
         {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     )
-    summary.update(run.probe.last_metrics)  # the final policy's probe numbers
+    if run.probe is not None:
+        summary.update(run.probe.last_metrics)  # the final policy's probe numbers
 
     if cfg.eval.num_prompts > 0:
         eval_reference = module.reference

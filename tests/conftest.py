@@ -44,6 +44,8 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_cfg(output_dir: Path | str, *overrides: str, small: bool = True) -> DictConfig:
     """Compose the real ``conf/train.yaml`` with ``overrides`` (after the shrinking ones)."""
     base = SMALL if small else []
+    if any(o.startswith("dataset=") and o != "dataset=sentiment" for o in overrides):
+        base = [o for o in base if not o.startswith("dataset.source.")]  # the task's settings
     with initialize_config_module("dpo_lab.conf", version_base="1.3"):
         return compose("train", overrides=[*base, f"output_dir={output_dir}", *overrides])
 

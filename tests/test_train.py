@@ -197,17 +197,11 @@ def test_the_default_learns(tmp_path):
 @pytest.mark.slow
 def test_a_local_model_directory_goes_through_the_hub_path(cfg_factory, tmp_path):
     """``model.name_or_path=<dir>`` loads with ``Auto*.from_pretrained``, as a hub id would."""
-    from conftest import tiny_llama
-
-    from dpo_lab.tasks.sentiment import build_tokenizer
-
-    tok = build_tokenizer()
-    model = tiny_llama(vocab=len(tok), seed=3)
-    model.save_pretrained(tmp_path / "local")
-    tok.save_pretrained(tmp_path / "local")
     run, start, _ = fit_steps(
         cfg_factory(
-            f"model.name_or_path={tmp_path / 'local'}", "trainer.max_steps=2", "eval.num_prompts=0"
+            f"model.name_or_path={local_model(tmp_path)}",
+            "trainer.max_steps=2",
+            "eval.num_prompts=0",
         )
     )
     assert run.module.policy.config.hidden_size == 32  # the local model, not the builtin one
@@ -250,3 +244,54 @@ def test_readme_adding_a_loss_example_works(tmp_path):
         assert run.trainer.global_step == 2
     finally:
         losses.LOSSES.pop(name, None)
+
+
+def local_model(tmp_path: Path) -> Path:
+    from conftest import tiny_llama
+
+    from dpo_lab.tasks.sentiment import build_tokenizer
+
+    tok = build_tokenizer()
+    tiny_llama(vocab=len(tok), seed=3).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["local", "kto_local"])
+def test_local_files_train_end_to_end(cfg_factory, tmp_path, kind):
+    """A user's own file and model: dataset=local (pairs, DPO) and dataset=kto_local (KTO)."""
+    import random
+
+    from dpo_lab.tasks import sentiment
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(40):
+        p, a = sentiment.sample_review(rng)
+        b = sentiment.sample_completion(rng, 0.5)
+        if kind == "local":
+            rows.append({"prompt": p, "chosen": a, "rejected": b})
+        else:
+            rows.append({"prompt": p, "completion": a, "label": sentiment.reward(p, a) > 0})
+    path = tmp_path / f"{kind}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loss = "kto" if kind == "kto_local" else "dpo"
+    run, start, _ = fit_steps(
+        cfg_factory(
+            f"dataset={kind}",
+            f"dataset.path={path}",
+            "dataset.val_size=8",
+            f"model.name_or_path={local_model(tmp_path)}",
+            f"loss={loss}",
+            "dataset.batch_size=8",
+            "trainer.max_steps=2",
+            "eval.num_prompts=0",
+        )
+    )
+    assert run.trainer.global_step == 2
+    assert len(run.datamodule.train_items) == 32
+    assert (run.probe is None) == (kind == "kto_local")  # unpaired data has no pairs to probe
+    assert not torch.equal(
+        run.module.policy.state_dict()["lm_head.weight"], start["lm_head.weight"]
+    )

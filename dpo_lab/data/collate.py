@@ -3,7 +3,8 @@
 The prompt and the completion are tokenized separately and concatenated, so the completion's
 tokens are exactly the completion's, whatever the tokenizer would merge across the boundary. The
 prompt gets the tokenizer's own special tokens (BOS where it adds one); the completion gets none,
-and the EOS token is appended so that the policy learns where a response stops.
+and the EOS token is appended so that the policy learns where a response stops. Conversational
+rows (message lists) are rendered with the chat template first.
 """
 
 from __future__ import annotations
@@ -14,17 +15,78 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpo_lab.errors import DataError
 
-def encode_example(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """(prompt_ids, completion_ids): BOS per tokenizer on the prompt, EOS on the completion."""
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
+
+def render(tokenizer: Any, prompt: Any, completion: Any = None) -> tuple[str, str | None, bool]:
+    """(prompt text, completion text, templated) for plain strings or message lists.
+
+    Message lists go through the tokenizer's chat template: the prompt with the generation
+    prompt appended, the completion as what the full conversation adds after it. A template that
+    renders the prompt differently inside the full conversation has no exact boundary: error.
+    """
+    if not isinstance(prompt, list):
+        return prompt, completion, False
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "conversational rows need a chat template, and this tokenizer has none; set "
+            "dataset.chat_template to a Jinja template (or a file holding one)"
+        )
+    p = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if completion is None:
+        return p, None, True
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full.startswith(p):
+        raise DataError(
+            "the chat template renders the prompt differently inside the full conversation, so "
+            f"the prompt/response boundary is not exact; prompt renders as {p[-80:]!r}"
+        )
+    return p, full[len(p) :], True
+
+
+def _strip_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids[:-1] if eos is not None and ids and ids[-1] == eos else ids
+
+
+def encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
+    """Prompt token ids: the tokenizer's own special tokens (BOS), or the chat template's."""
+    text, _, templated = render(tokenizer, prompt)
+    ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+    return _strip_eos(ids, tokenizer.eos_token_id)
+
+
+def encode_example(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids), tokenized apart so the boundary is exact.
+
+    Plain text: BOS per tokenizer on the prompt, EOS appended to the completion. Message lists:
+    the chat template's own tokens, and its end-of-turn marks where the response stops.
+    """
+    return encode_batch(tokenizer, [prompt], [completion])[0]
+
+
+def encode_batch(
+    tokenizer: Any, prompts: Sequence[Any], completions: Sequence[Any]
+) -> list[tuple[list[int], list[int]]]:
+    """``encode_example`` over many rows with batched tokenizer calls (much faster in Rust)."""
+    rendered = [render(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
     eos = tokenizer.eos_token_id
-    if eos is not None and prompt_ids and prompt_ids[-1] == eos:  # tokenizers that append EOS
-        prompt_ids = prompt_ids[:-1]
-    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    if eos is not None:
-        completion_ids.append(eos)
-    return prompt_ids, completion_ids
+    plain = [i for i, r in enumerate(rendered) if not r[2]]
+    templ = [i for i, r in enumerate(rendered) if r[2]]
+    prompt_ids: list[list[int]] = [[] for _ in rendered]
+    for idx, special in ((plain, True), (templ, False)):
+        if idx:
+            enc = tokenizer([rendered[i][0] for i in idx], add_special_tokens=special)["input_ids"]
+            for i, ids in zip(idx, enc, strict=True):
+                prompt_ids[i] = _strip_eos(list(ids), eos)
+    texts = [r[1] for r in rendered]
+    comp = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out = []
+    for (_, _, templated), p, c in zip(rendered, prompt_ids, comp, strict=True):
+        c = list(c)
+        if not templated and eos is not None:
+            c.append(eos)
+        out.append((p, c))
+    return out
 
 
 def pad_sequences(

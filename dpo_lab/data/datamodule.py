@@ -1,58 +1,167 @@
-"""``PreferenceDataModule``: rows from a source → tokenized pairs → padded batches."""
+"""``PreferenceDataModule``: normalized rows → tokenized items (cached) → padded batches."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
-from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_example
+from dpo_lab.cache import cache_root
+from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_batch
 from dpo_lab.data.sources import PreferenceData
-from dpo_lab.errors import DataError
+from dpo_lab.errors import ConfigError, DataError
 
-REQUIRED = ("prompt", "chosen", "rejected")
-
-
-def check_rows(rows: list[dict[str, Any]], split: str) -> None:
-    """Every row has non-empty string prompt/chosen/rejected; else a DataError naming the row."""
-    for i, row in enumerate(rows):
-        where = f"{split} row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
-        for key in REQUIRED:
-            if key not in row:
-                raise DataError(f"{where}: missing column {key!r}; columns present: {sorted(row)}")
-            if not isinstance(row[key], str) or not row[key].strip():
-                raise DataError(f"{where}: {key!r} must be a non-empty string, got {row[key]!r}")
+TOKENIZE_VERSION = 1  # bump when tokenization changes: invalidates cached tokenized data
+PAIRED_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+UNPAIRED_FIELDS = ("prompt_ids", "completion_ids")
 
 
-def tokenize_pairs(
-    rows: list[dict[str, Any]], tokenizer: Any, *, max_length: int, max_prompt_length: int
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything about the tokenizer that changes its output."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    special = [
+        type(tokenizer).__name__,
+        tokenizer.chat_template,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.all_special_ids,
+    ]
+    h.update(json.dumps(special, default=str).encode())
+    return h.hexdigest()
+
+
+def _rows_fingerprint(rows: list[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        key = [r["id"], r["prompt"], r.get("chosen"), r.get("rejected"), r.get("completion")]
+        h.update(json.dumps(key, ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def tokenize_rows(
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    batch_size: int = 2048,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Tokenized items and the number of rows dropped because they cannot fit ``max_length``.
+    """Tokenized items (paired or unpaired, by the rows' shape) and the count dropped as too long.
 
-    The prompt is cut from the left to ``max_prompt_length`` tokens (the end of a prompt matters
-    most); a pair whose prompt plus longer completion still exceeds ``max_length`` is dropped and
+    The prompt is cut from the left to ``max_prompt_length`` tokens (a prompt's end matters
+    most); a row whose prompt plus (longer) completion still exceeds ``max_length`` is dropped and
     counted, never truncated into a different response.
     """
+    unpaired = bool(rows) and "completion" in rows[0]
     items, dropped = [], 0
-    for i, row in enumerate(rows):
-        prompt_ids, chosen_ids = encode_example(tokenizer, row["prompt"], row["chosen"])
-        _, rejected_ids = encode_example(tokenizer, row["prompt"], row["rejected"])
-        prompt_ids = prompt_ids[-max_prompt_length:]
-        if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_length:
-            dropped += 1
-            continue
-        items.append(
-            {
-                "index": i,
-                "id": str(row.get("id", i)),
-                "prompt_ids": prompt_ids,
-                "chosen_ids": chosen_ids,
-                "rejected_ids": rejected_ids,
-            }
-        )
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        if unpaired:
+            encs = [
+                encode_batch(
+                    tokenizer, [r["prompt"] for r in chunk], [r["completion"] for r in chunk]
+                )
+            ]
+        else:
+            prompts = [r["prompt"] for r in chunk]
+            encs = [
+                encode_batch(tokenizer, prompts, [r["chosen"] for r in chunk]),
+                encode_batch(tokenizer, prompts, [r["rejected"] for r in chunk]),
+            ]
+        for j, row in enumerate(chunk):
+            prompt_ids = encs[0][j][0][-max_prompt_length:]
+            completions = [enc[j][1] for enc in encs]
+            if len(prompt_ids) + max(len(c) for c in completions) > max_length:
+                dropped += 1
+                continue
+            item = {"index": start + j, "id": row["id"], "prompt_ids": prompt_ids}
+            if unpaired:
+                item.update(completion_ids=completions[0], desirable=row["desirable"])
+            else:
+                item.update(chosen_ids=completions[0], rejected_ids=completions[1])
+            items.append(item)
     return items, dropped
+
+
+def _save_items(path: str, items: list[dict[str, Any]], fields: tuple[str, ...], dropped: int):
+    arrays: dict[str, np.ndarray] = {
+        "index": np.array([it["index"] for it in items], dtype=np.int64),
+        "dropped": np.array([dropped]),
+    }
+    for f in fields:
+        seqs = [it[f] for it in items]
+        arrays[f] = np.fromiter((t for s in seqs for t in s), dtype=np.int64)
+        arrays[f + "_offsets"] = np.cumsum([0] + [len(s) for s in seqs], dtype=np.int64)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp.npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def _load_items(path: str, rows: list[dict[str, Any]], fields: tuple[str, ...]):
+    z = np.load(path)
+    index = z["index"].tolist()
+    cols = {}
+    for f in fields:
+        flat, off = z[f], z[f + "_offsets"]
+        cols[f] = [flat[off[i] : off[i + 1]].tolist() for i in range(len(index))]
+    items = []
+    for k, i in enumerate(index):
+        item = {"index": i, "id": rows[i]["id"], **{f: cols[f][k] for f in fields}}
+        if "completion_ids" in fields:
+            item["desirable"] = rows[i]["desirable"]
+        items.append(item)
+    return items, int(z["dropped"][0])
+
+
+def tokenize_cached(
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    cache: bool = True,
+) -> tuple[list[dict[str, Any]], int, bool]:
+    """``tokenize_rows`` behind a cache keyed by the rows, the tokenizer and the settings.
+
+    Returns (items, dropped, hit). The cache lives in ``<cache root>/tokenized``, so a second run,
+    or every job of a sweep over losses or β, skips tokenization.
+    """
+    kw = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+    if not cache:
+        return (*tokenize_rows(rows, tokenizer, **kw), False)
+    fields = UNPAIRED_FIELDS if rows and "completion" in rows[0] else PAIRED_FIELDS
+    key = hashlib.sha256(
+        json.dumps(
+            [TOKENIZE_VERSION, _rows_fingerprint(rows), tokenizer_fingerprint(tokenizer), kw]
+        ).encode()
+    ).hexdigest()[:24]
+    root = cache_root() / "tokenized"
+    path = root / f"{key}.npz"
+    if path.exists():
+        try:
+            return (*_load_items(str(path), rows, fields), True)
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable (e.g. an older format): tokenize again and overwrite
+    items, dropped = tokenize_rows(rows, tokenizer, **kw)
+    root.mkdir(parents=True, exist_ok=True)
+    _save_items(str(path), items, fields, dropped)
+    return items, dropped, False
 
 
 def split_pairs(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -72,20 +181,52 @@ def split_pairs(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def item_length(it: dict[str, Any]) -> int:
+    """Padded length an item needs: prompt plus its longest completion."""
+    comps = [it[k] for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in it]
+    return len(it["prompt_ids"]) + max(len(c) for c in comps)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled, then sorted by length within mega-batches of ``mega`` batches, so each batch
+    holds similar lengths (less padding) while the order stays random across mega-batches.
+    Lightning calls ``set_epoch`` each epoch, which reshuffles."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int = 50):
+        self.lengths, self.batch_size, self.seed, self.mega = lengths, batch_size, seed, mega
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        size = self.mega * self.batch_size
+        for start in range(0, len(perm), size):
+            yield from sorted(perm[start : start + size], key=lambda i: -self.lengths[i])
+
+
 class PreferenceDataModule(L.LightningDataModule):
-    """Tokenized train/val pairs, a fixed probe set and the held-out prompts for evaluation.
+    """Tokenized train/val data, a fixed probe set of held-out pairs, and batching.
 
     Args:
-        data: the source's rows and (optional) ground-truth reward.
+        data: prepared (normalized) rows; paired or unpaired.
         tokenizer: a transformers tokenizer with a pad token.
-        batch_size: pairs per training batch (B; the policy sees 2B sequences).
-        eval_batch_size: pairs per validation batch.
+        batch_size: rows per training batch (paired: B pairs, so 2B sequences in the forward).
+        eval_batch_size: rows per validation batch.
         max_length: prompt + completion tokens at most.
         max_prompt_length: prompt tokens kept (cut from the left).
-        probe_size: held-out pairs in the displacement probe (the first ones of val).
+        probe_size: held-out pairs in the displacement probe (the first ones of val; none for
+            unpaired data, which has no pairs).
         seed: shuffling seed.
-        unpaired: serve single labelled completions (for unpaired losses such as KTO): each pair
-            is split into a desirable and an undesirable example. The probe stays paired.
+        unpaired: serve single labelled completions (for unpaired losses such as KTO); paired
+            data is split into a desirable and an undesirable example per pair.
+        group_by_length: batch similar lengths together (``LengthGroupedSampler``).
+        cache: keep tokenized data in the cache dir.
     """
 
     def __init__(
@@ -101,52 +242,56 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         unpaired: bool = False,
+        group_by_length: bool = False,
+        cache: bool = True,
     ):
         super().__init__()
         if tokenizer.pad_token_id is None:
             raise DataError("the tokenizer has no pad token; set one (e.g. the EOS token)")
-        check_rows(data.train, "train")
-        check_rows(data.val, "val")
-        if not data.train or not data.val:
-            raise DataError(
-                f"need train and val rows, got {len(data.train)} train and {len(data.val)} val"
+        if data.kind == "unpaired" and not unpaired:
+            raise ConfigError(
+                "this dataset is unpaired (prompt, completion, label); the loss needs pairs. "
+                "Use an unpaired loss (loss=kto) or paired data"
             )
         self.data, self.tokenizer = data, tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
+        self.unpaired, self.group_by_length = unpaired, group_by_length
         self.collate = PreferenceCollator(tokenizer.pad_token_id)
-        self.unpaired = unpaired
         self.loader_collate = UnpairedCollator(tokenizer.pad_token_id) if unpaired else self.collate
-        kw = dict(max_length=max_length, max_prompt_length=max_prompt_length)
-        self.train_items, drop_train = tokenize_pairs(data.train, tokenizer, **kw)
-        self.val_items, drop_val = tokenize_pairs(data.val, tokenizer, **kw)
+        kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, cache=cache)
+        self.train_items, drop_train, hit_train = tokenize_cached(data.train, tokenizer, **kw)
+        self.val_items, drop_val, hit_val = tokenize_cached(data.val, tokenizer, **kw)
         self.dropped_too_long = {"train": drop_train, "val": drop_val}
+        self.cache_hits = {"train": hit_train, "val": hit_val}
         if not self.train_items or not self.val_items:
             raise DataError(
-                f"no pair fits max_length={max_length} (dropped {self.dropped_too_long})"
+                f"no row fits max_length={max_length} "
+                f"(dropped as too long: {self.dropped_too_long})"
             )
-        self.probe_items = self.val_items[:probe_size]
-        if unpaired:
-            self.train_items, self.val_items = (
-                split_pairs(self.train_items),
-                split_pairs(self.val_items),
-            )
+        self.probe_items = self.val_items[:probe_size] if data.kind == "paired" else []
+        if unpaired and data.kind == "paired":
+            self.train_items = split_pairs(self.train_items)
+            self.val_items = split_pairs(self.val_items)
 
     @property
     def reward_fn(self):
         return self.data.reward_fn
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_items,
+        lone = self._lone_last(len(self.train_items), self.batch_size, "train")
+        common = dict(
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=g,
             collate_fn=self.loader_collate,
             num_workers=self.num_workers,
-            drop_last=self._lone_last(len(self.train_items), self.batch_size, "train"),
+            drop_last=lone,
         )
+        if self.group_by_length:
+            lengths = [item_length(it) for it in self.train_items]
+            sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed)
+            return DataLoader(self.train_items, sampler=sampler, **common)
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_items, shuffle=True, generator=g, **common)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -160,8 +305,6 @@ class PreferenceDataModule(L.LightningDataModule):
     def _lone_last(self, n: int, batch_size: int, split: str) -> bool:
         """Unpaired losses need ≥ 2 examples a batch: drop a last batch of one, and say so."""
         if self.unpaired and n % batch_size == 1:
-            import warnings
-
             warnings.warn(
                 f"{split}: the last batch would hold 1 example, too few for an unpaired loss's KL "
                 f"estimate; it is left out of each epoch ({n} examples, batch size {batch_size})",

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from dpo_lab.cache import cache_root
 from dpo_lab.data.sources import PreferenceData
 
 BUILD_VERSION = 2  # bump when the grammar, reward or build procedure changes: new cache key
@@ -160,20 +161,13 @@ def build_tokenizer():
     )
 
 
-def cache_root() -> Path:
-    """``$DPO_LAB_CACHE``, else ``$XDG_CACHE_HOME/dpo_lab``, else ``~/.cache/dpo_lab``."""
-    if os.environ.get("DPO_LAB_CACHE"):
-        return Path(os.environ["DPO_LAB_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "dpo_lab"
-
-
 def _sft_train(model, tokenizer, rng: random.Random, *, n_sft, steps, batch_size, lr) -> list:
     """Train the base on completions given prompts (per-token NLL); returns the loss curve."""
-    from dpo_lab.data.collate import encode_example, pad_sequences
+    from dpo_lab.data.collate import encode_batch, pad_sequences
     from dpo_lab.logps import completion_logps
 
-    corpus = [encode_example(tokenizer, *sample_review(rng)) for _ in range(n_sft)]
+    reviews = [sample_review(rng) for _ in range(n_sft)]
+    corpus = encode_batch(tokenizer, [p for p, _ in reviews], [c for _, c in reviews])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
