@@ -339,7 +339,7 @@ def test_tokenized_cache_hits_and_keys(tok, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("tokenized again despite a cache hit")
 
-    monkeypatch.setattr("dpo_lab.data.datamodule.encode_batch", boom)
+    monkeypatch.setattr("dpo_lab.data.datamodule.encode_rows", boom)
     again, d2, hit2 = tokenize_cached(rows, tok, max_length=64, max_prompt_length=32)
     assert (hit1, hit2) == (False, True) and again == first and d1 == d2
     monkeypatch.undo()
@@ -373,3 +373,14 @@ def test_unpaired_data_needs_an_unpaired_loss(tok):
         PreferenceDataModule(data, tok, **kw)
     dm = PreferenceDataModule(data, tok, unpaired=True, **kw)
     assert dm.probe_items == [] and len(dm.train_items) == 2
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_backend_fast_path_equals_the_transformers_wrapper(tok, bpe, special):
+    from dpo_lab.data.collate import token_ids
+
+    texts = ["moonrise was a truly great film .", "hello wor", "helloworld, the weather"]
+    for t in (tok, bpe):
+        assert token_ids(t, texts, special) == [
+            list(x) for x in t(texts, add_special_tokens=special)["input_ids"]
+        ]

@@ -50,9 +50,7 @@ def _strip_eos(ids: list[int], eos: int | None) -> list[int]:
 
 def encode_prompt(tokenizer: Any, prompt: Any) -> list[int]:
     """Prompt token ids: the tokenizer's own special tokens (BOS), or the chat template's."""
-    text, _, templated = render(tokenizer, prompt)
-    ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-    return _strip_eos(ids, tokenizer.eos_token_id)
+    return encode_rows(tokenizer, [prompt])[0][0]
 
 
 def encode_example(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
@@ -61,32 +59,65 @@ def encode_example(tokenizer: Any, prompt: Any, completion: Any) -> tuple[list[i
     Plain text: BOS per tokenizer on the prompt, EOS appended to the completion. Message lists:
     the chat template's own tokens, and its end-of-turn marks where the response stops.
     """
-    return encode_batch(tokenizer, [prompt], [completion])[0]
+    prompt_ids, (completion_ids,) = encode_rows(tokenizer, [prompt], [completion])
+    return prompt_ids[0], completion_ids[0]
 
 
 def encode_batch(
     tokenizer: Any, prompts: Sequence[Any], completions: Sequence[Any]
 ) -> list[tuple[list[int], list[int]]]:
-    """``encode_example`` over many rows with batched tokenizer calls (much faster in Rust)."""
-    rendered = [render(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+    """``encode_example`` over many rows, with batched tokenizer calls."""
+    prompt_ids, (completion_ids,) = encode_rows(tokenizer, prompts, completions)
+    return list(zip(prompt_ids, completion_ids, strict=True))
+
+
+def token_ids(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of many texts. Calls the Rust backend directly when that is exactly what the
+    transformers wrapper would do (its truncation and padding off), skipping the wrapper's
+    per-text conversion; otherwise the wrapper."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+
+
+def encode_rows(
+    tokenizer: Any, prompts: Sequence[Any], *completion_lists: Sequence[Any]
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Each prompt tokenized once, and every list of completions for those prompts.
+
+    Returns ``(prompt_ids, [completion_ids for each completion list])`` (see ``encode_example``).
+    """
     eos = tokenizer.eos_token_id
-    plain = [i for i, r in enumerate(rendered) if not r[2]]
-    templ = [i for i, r in enumerate(rendered) if r[2]]
-    prompt_ids: list[list[int]] = [[] for _ in rendered]
+    templated = []
+    prompt_texts = []
+    comp_texts: list[list[str]] = [[] for _ in completion_lists]
+    for i, prompt in enumerate(prompts):
+        for k, completions in enumerate(completion_lists):
+            p, c, t = render(tokenizer, prompt, completions[i])
+            comp_texts[k].append(c)
+        if not completion_lists:
+            p, _, t = render(tokenizer, prompt)
+        prompt_texts.append(p)
+        templated.append(t)
+    plain = [i for i, t in enumerate(templated) if not t]
+    templ = [i for i, t in enumerate(templated) if t]
+    prompt_ids: list[list[int]] = [[] for _ in prompts]
     for idx, special in ((plain, True), (templ, False)):
-        if idx:
-            enc = tokenizer([rendered[i][0] for i in idx], add_special_tokens=special)["input_ids"]
-            for i, ids in zip(idx, enc, strict=True):
-                prompt_ids[i] = _strip_eos(list(ids), eos)
-    texts = [r[1] for r in rendered]
-    comp = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        for i, ids in zip(
+            idx, token_ids(tokenizer, [prompt_texts[i] for i in idx], special), strict=True
+        ):
+            prompt_ids[i] = _strip_eos(ids, eos)
     out = []
-    for (_, _, templated), p, c in zip(rendered, prompt_ids, comp, strict=True):
-        c = list(c)
-        if not templated and eos is not None:
-            c.append(eos)
-        out.append((p, c))
-    return out
+    for texts in comp_texts:
+        ids = token_ids(tokenizer, texts, False)
+        if eos is not None:
+            for i in plain:
+                ids[i].append(eos)
+        out.append(ids)
+    return prompt_ids, out
 
 
 def pad_sequences(

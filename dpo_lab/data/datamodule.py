@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from dpo_lab.cache import cache_root
-from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_batch
+from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_rows
 from dpo_lab.data.sources import PreferenceData
 from dpo_lab.errors import ConfigError, DataError
 
@@ -71,21 +71,13 @@ def tokenize_rows(
     items, dropped = [], 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        if unpaired:
-            encs = [
-                encode_batch(
-                    tokenizer, [r["prompt"] for r in chunk], [r["completion"] for r in chunk]
-                )
-            ]
-        else:
-            prompts = [r["prompt"] for r in chunk]
-            encs = [
-                encode_batch(tokenizer, prompts, [r["chosen"] for r in chunk]),
-                encode_batch(tokenizer, prompts, [r["rejected"] for r in chunk]),
-            ]
+        keys = ("completion",) if unpaired else ("chosen", "rejected")
+        prompt_ids_list, comps = encode_rows(
+            tokenizer, [r["prompt"] for r in chunk], *[[r[k] for r in chunk] for k in keys]
+        )
         for j, row in enumerate(chunk):
-            prompt_ids = encs[0][j][0][-max_prompt_length:]
-            completions = [enc[j][1] for enc in encs]
+            prompt_ids = prompt_ids_list[j][-max_prompt_length:]
+            completions = [c[j] for c in comps]
             if len(prompt_ids) + max(len(c) for c in completions) > max_length:
                 dropped += 1
                 continue
@@ -118,8 +110,8 @@ def _load_items(path: str, rows: list[dict[str, Any]], fields: tuple[str, ...]):
     index = z["index"].tolist()
     cols = {}
     for f in fields:
-        flat, off = z[f], z[f + "_offsets"]
-        cols[f] = [flat[off[i] : off[i + 1]].tolist() for i in range(len(index))]
+        flat, off = z[f].tolist(), z[f + "_offsets"].tolist()  # python lists: fast slicing
+        cols[f] = [flat[off[i] : off[i + 1]] for i in range(len(index))]
     items = []
     for k, i in enumerate(index):
         item = {"index": i, "id": rows[i]["id"], **{f: cols[f][k] for f in fields}}
