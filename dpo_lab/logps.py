@@ -34,12 +34,66 @@ def _lean_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 
 def _gather_logps(head: nn.Module, hidden: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-    """(M,) log softmax(head(hidden))[targets], computed ``chunk_size`` rows at a time in fp32."""
+    """(M,) log softmax(head(hidden))[targets], computed ``chunk_size`` rows at a time in fp32.
+
+    Autograd keeps every chunk's (m, V) fp32 logits for the backward pass.
+    """
     out = []
     for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
         logits = head(h).float()  # (m, V)
         out.append(logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(h·Wᵀ + b)[y] for (M, H) hidden states, one (chunk, V) block at a time.
+
+    Saves only h, W, b, y and the (M,) logsumexp; the backward pass recomputes each chunk's
+    logits, so at most one (chunk, V) fp32 buffer is alive in either pass. The price is one more
+    h·Wᵀ per chunk in backward (the LM head's training cost goes from 3 to 4 matmuls).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: D102
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 → fp32; fp64 stays
+        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], chunk_size):
+            logits = torch.nn.functional.linear(hidden[s : s + chunk_size], weight, bias).to(acc)
+            lse[s : s + chunk_size] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, targets[s : s + chunk_size, None]).squeeze(-1)
+            out[s : s + chunk_size] = picked - lse[s : s + chunk_size]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        acc = lse.dtype
+        grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        grad_b = (
+            torch.zeros_like(bias, dtype=acc)
+            if bias is not None and ctx.needs_input_grad[2]
+            else None
+        )
+        n = ctx.chunk_size
+        for s in range(0, hidden.shape[0], n):
+            h, y, g = hidden[s : s + n], targets[s : s + n], grad_out[s : s + n]
+            logits = torch.nn.functional.linear(h, weight, bias).to(acc)
+            # d logp_y / d logits = onehot(y) − softmax, scaled by the incoming gradient
+            grad_logits = logits.sub_(lse[s : s + n, None]).exp_().mul_(-g[:, None])
+            grad_logits.scatter_add_(-1, y[:, None], g[:, None].to(acc))
+            if grad_h is not None:
+                grad_h[s : s + n] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += grad_logits.T @ h.to(acc)
+            if grad_b is not None:
+                grad_b += grad_logits.sum(0)
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None
 
 
 def completion_logps(
@@ -50,6 +104,7 @@ def completion_logps(
     *,
     chunk_size: int = 1024,
     lean: bool = True,
+    recompute: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of each row's completion tokens and their count.
 
@@ -60,6 +115,8 @@ def completion_logps(
         completion_mask: (N, T) 1 on completion tokens (never on the first position).
         chunk_size: completion positions per LM-head chunk on the lean path.
         lean: use the lean path where the model allows it (``False`` forces the naive path).
+        recompute: on the lean path, recompute each chunk's logits in backward instead of keeping
+            them (``_LinearLogProbs``): peak memory holds one (chunk, V) block, not (M, V).
 
     Returns:
         logps: (N,) fp32, sum over completion tokens of log π(token | preceding tokens).
@@ -73,7 +130,11 @@ def completion_logps(
         hidden = decoder(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # (N, T, H)
-        token_logps = _gather_logps(head, hidden[:, :-1][mask], targets[mask], chunk_size)  # (M,)
+        h, y = hidden[:, :-1][mask], targets[mask]  # (M, H), (M,)
+        if recompute and torch.is_grad_enabled():
+            token_logps = _LinearLogProbs.apply(h, head.weight, head.bias, y, chunk_size)
+        else:
+            token_logps = _gather_logps(head, h, y, chunk_size)  # (M,)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logprobs = logits[:, :-1].float().log_softmax(-1)  # (N, T-1, V)

@@ -18,6 +18,16 @@ from dpo_lab.logps import completion_logps
 from dpo_lab.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps
 
 
+def paired_logps(model: torch.nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> PairedLogps:
+    """Chosen and rejected log-probs from one forward over the concatenated (2B, T) block:
+    rows [0, B) are chosen, [B, 2B) rejected. ``kwargs`` go to ``completion_logps``."""
+    logps, tokens = completion_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kwargs
+    )
+    B = logps.shape[0] // 2
+    return PairedLogps(logps[:B], logps[B:], tokens[:B], tokens[B:])
+
+
 class PreferenceModule(L.LightningModule):
     """Preference optimization of ``policy`` against a frozen ``reference``.
 
@@ -28,6 +38,7 @@ class PreferenceModule(L.LightningModule):
         loss_kwargs: its hyperparameters (already checked against its signature).
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``optimizer -> LRScheduler`` stepped every step, or None.
+        logps_kwargs: ``chunk_size`` and ``recompute`` for ``completion_logps``.
     """
 
     def __init__(
@@ -38,6 +49,7 @@ class PreferenceModule(L.LightningModule):
         loss_kwargs: dict[str, Any],
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
+        logps_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
         if loss.reference and reference is None:
@@ -51,6 +63,7 @@ class PreferenceModule(L.LightningModule):
             reference.requires_grad_(False)
         self.loss, self.loss_kwargs = loss, loss_kwargs
         self._optimizer, self._scheduler = optimizer, scheduler
+        self.logps_kwargs = dict(logps_kwargs or {})
 
     def train(self, mode: bool = True) -> PreferenceModule:
         """Lightning puts the module in train mode at fit start; the reference stays in eval."""
@@ -61,29 +74,38 @@ class PreferenceModule(L.LightningModule):
 
     # -- log-probs ------------------------------------------------------------------------------
 
-    @staticmethod
-    def paired_logps(model: torch.nn.Module, batch: dict[str, Tensor]) -> PairedLogps:
-        """One forward over the concatenated (2B, T) block; rows [0, B) chosen, [B, 2B) rejected."""
-        logps, tokens = completion_logps(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-        )
-        B = logps.shape[0] // 2
-        return PairedLogps(logps[:B], logps[B:], tokens[:B], tokens[B:])
+    def paired_logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> PairedLogps:
+        """Chosen and rejected log-probs of ``batch`` under ``model`` (see ``paired_logps``)."""
+        return paired_logps(model, batch, **self.logps_kwargs)
 
-    def reference_paired_logps(self, batch: dict[str, Tensor]) -> PairedLogps | None:
+    def reference_paired_logps(
+        self, batch: dict[str, Tensor], policy: PairedLogps
+    ) -> PairedLogps | None:
+        """The reference's log-probs: precomputed ones carried by the batch, or a forward."""
+        if "ref_chosen_logps" in batch:
+            return PairedLogps(
+                batch["ref_chosen_logps"],
+                batch["ref_rejected_logps"],
+                policy.chosen_tokens,
+                policy.rejected_tokens,
+            )
         if self.reference is None:
             return None
-        with torch.no_grad():
-            return self.paired_logps(self.reference, batch)
+        with torch.inference_mode():
+            ref = self.paired_logps(self.reference, batch)
+        # leave inference mode: the loss combines these with tensors that need grad
+        return PairedLogps(
+            *(t.clone() for t in (ref.chosen, ref.rejected, ref.chosen_tokens, ref.rejected_tokens))
+        )
 
-    @staticmethod
     def unpaired_logps(
-        model: torch.nn.Module, batch: dict[str, Tensor], grad: bool
+        self, model: torch.nn.Module, batch: dict[str, Tensor], grad: bool
     ) -> UnpairedLogps:
         """Completions with grad (if asked); mismatched KL rows never (z₀ is detached)."""
+        kw = self.logps_kwargs
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             logps, tokens = completion_logps(
-                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kw
             )
         with torch.no_grad():
             kl, _ = completion_logps(
@@ -91,6 +113,7 @@ class PreferenceModule(L.LightningModule):
                 batch["kl_input_ids"],
                 batch["kl_attention_mask"],
                 batch["kl_completion_mask"],
+                **kw,
             )
         return UnpairedLogps(logps, tokens, batch["desirable"], kl)
 
@@ -106,7 +129,7 @@ class PreferenceModule(L.LightningModule):
             )
         else:
             policy = self.paired_logps(self.policy, batch)
-            reference = self.reference_paired_logps(batch)
+            reference = self.reference_paired_logps(batch, policy)
         return policy, reference, self.loss(policy, reference, **self.loss_kwargs)
 
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:

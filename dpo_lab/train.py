@@ -30,6 +30,7 @@ from dpo_lab.evaluation import evaluate
 from dpo_lab.losses import LossSpec, bind_loss_kwargs, get_loss
 from dpo_lab.models import load_model, resolve_name_or_path
 from dpo_lab.module import PreferenceModule
+from dpo_lab.refcache import PrecomputedReference
 
 log = logging.getLogger("dpo_lab")
 
@@ -53,6 +54,15 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
     elif cfg.beta is not None:
         raise ConfigError(f"loss={spec.name} takes no beta; got beta={cfg.beta!r} (leave it unset)")
     kwargs = bind_loss_kwargs(spec, kwargs)
+    if cfg.reference.precompute:
+        if not spec.reference:
+            raise ConfigError(f"reference.precompute=true, but loss={spec.name} uses no reference")
+        if spec.data == "unpaired":
+            raise ConfigError(
+                f"reference.precompute is not available for loss={spec.name}: its KL rows pair "
+                "each prompt with another example's completion in the same batch, so they change "
+                "with the batch order"
+            )
     if cfg.probe.size < 1 or cfg.probe.every_n_steps < 1:
         raise ConfigError("probe.size and probe.every_n_steps must be >= 1")
     if cfg.eval.num_prompts < 0:
@@ -169,9 +179,19 @@ def build(cfg: DictConfig) -> Run:
     )
     scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None
     module = PreferenceModule(
-        policy, reference, spec, loss_kwargs, instantiate(cfg.optim.optimizer), scheduler
+        policy,
+        reference,
+        spec,
+        loss_kwargs,
+        instantiate(cfg.optim.optimizer),
+        scheduler,
+        logps_kwargs=OmegaConf.to_container(cfg.logps),
     )
     callbacks: list[Any] = []
+    if cfg.reference.precompute:  # before the probe: it frees the reference at fit start
+        callbacks.append(
+            PrecomputedReference(out, cfg.reference.cache_path, cfg.reference.batch_size)
+        )
     probe = None
     if dm.probe_items:
         ids = [it["id"] for it in dm.probe_items]

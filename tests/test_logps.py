@@ -26,25 +26,28 @@ def naive(model, examples) -> list[float]:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("lean", [True, False])
+@pytest.mark.parametrize("lean, recompute", [(True, True), (True, False), (False, False)])
 @pytest.mark.parametrize("chunk_size", [2, 1024])
-def test_matches_naive_per_token(lean, chunk_size):
+def test_matches_naive_per_token(lean, recompute, chunk_size):
     model = tiny_llama()
     batch = pad_sequences(EXAMPLES, pad_id=0)
+    logps, tokens = completion_logps(  # with grad enabled, so the recompute path runs
+        model, **batch, chunk_size=chunk_size, lean=lean, recompute=recompute
+    )
     with torch.no_grad():
-        logps, tokens = completion_logps(model, **batch, chunk_size=chunk_size, lean=lean)
         ref = naive(model, EXAMPLES)
     assert tokens.tolist() == [len(c) for _, c in EXAMPLES]
     torch.testing.assert_close(logps, ref, atol=1e-5, rtol=0)
 
 
-def test_gradients_match_naive():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_gradients_match_naive(recompute):
     model = tiny_llama()
     batch = pad_sequences(EXAMPLES, pad_id=0)
     grads = []
     for lean in (True, False):
         model.zero_grad()
-        logps, _ = completion_logps(model, **batch, lean=lean, chunk_size=3)
+        logps, _ = completion_logps(model, **batch, lean=lean, chunk_size=3, recompute=recompute)
         (logps * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
@@ -78,3 +81,16 @@ def test_completion_mask_on_first_position_is_ignored():
         logps, tokens = completion_logps(model, **batch)
     assert tokens.item() == 2
     assert torch.isfinite(logps).all()
+
+
+def test_recompute_gradcheck_in_float64():
+    """The hand-written backward of the recomputing head against finite differences."""
+    from dpo_lab.logps import _LinearLogProbs
+
+    torch.manual_seed(0)
+    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 6, 2, 2])
+    fn = lambda h, w, b: _LinearLogProbs.apply(h, w, b, y, 2).double()  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (h, w, b))

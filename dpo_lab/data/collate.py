@@ -150,8 +150,9 @@ class PreferenceCollator:
     """Batches tokenized pairs into one concatenated (2B, T) block: chosen rows, then rejected.
 
     Each item is a dict with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``index`` (its
-    position in the split). Chosen and rejected are padded to one length so the policy sees them
-    in a single forward.
+    position in the split), and ``ref_chosen_logps``/``ref_rejected_logps`` when the reference
+    was precomputed. Chosen and rejected are padded to one length so the policy sees them in a
+    single forward.
     """
 
     def __init__(self, pad_id: int):
@@ -162,6 +163,9 @@ class PreferenceCollator:
         rejected = [(it["prompt_ids"], it["rejected_ids"]) for it in items]
         batch = pad_sequences(chosen + rejected, self.pad_id)
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        if "ref_chosen_logps" in items[0]:  # precomputed reference log-probs (dpo_lab.refcache)
+            for k in ("ref_chosen_logps", "ref_rejected_logps"):
+                batch[k] = torch.tensor([it[k] for it in items], dtype=torch.float32)
         return batch
 
 

@@ -1,0 +1,355 @@
+"""dpo_lab against TRL on the same model, pairs and steps, each in its own subprocess.
+
+    pip install -e ".[bench]"          # TRL, only for this script
+    python scripts/benchmark.py        # CPU default: vocab 32000, hidden 256, 4 layers, 8 pairs
+    python scripts/benchmark.py --device cuda --dtype bf16 --hidden 896 --layers 24 --heads 14
+
+Both tools train the same randomly initialised Llama-style model (nothing is downloaded) on the
+same synthetic pairs: a word-level vocabulary, so both tokenize the text to the same ids
+(prompt P words, completions C words, + EOS). Each configuration runs in a fresh subprocess for
+``--warmup`` + ``--steps`` optimizer steps; the table reports the median step's tokens/s
+(tokens = 2·B·(P + C + 1): chosen and rejected sequences) and peak memory (the process's peak
+RSS on CPU, peak allocated CUDA memory on GPU), and dpo_lab ÷ TRL ratios.
+
+Rows: ``live`` (DPO, reference model run every step), ``precomputed`` (DPO with reference
+log-probs computed before training: dpo_lab's named reference cache, TRL's
+``precompute_ref_log_probs``), ``simpo`` (reference-free: dpo_lab ``loss=simpo``, TRL's
+``CPOTrainer`` with ``loss_type="simpo"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("live", "precomputed", "simpo")
+
+
+def make_assets(args: argparse.Namespace, root: Path) -> None:
+    """A random-init Llama + word-level tokenizer + pairs, written once for every child."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(args.vocab - 3)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate or 4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=args.prompt + args.completion + 8,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = random.Random(0)
+    words = lambda n: " ".join(f"w{rng.randrange(args.vocab - 3)}" for _ in range(n))  # noqa: E731
+    n_rows = args.batch * (args.warmup + args.steps + 2)
+    with open(root / "pairs.jsonl", "w") as f:
+        for _ in range(n_rows):  # completions start with a space: TRL joins prompt + completion
+            row = {
+                "prompt": words(args.prompt),
+                "chosen": " " + words(args.completion),
+                "rejected": " " + words(args.completion),
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+class _Timer:
+    def __init__(self, device: str):
+        self.device, self.times, self.t0 = device, [], 0.0
+
+    def start(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.t0)
+
+
+def child_dpo_lab(args: argparse.Namespace, mode: str, root: Path) -> list[float]:
+    import lightning as L
+    from hydra import compose, initialize_config_module
+
+    from dpo_lab.train import build
+
+    timer = _Timer(args.device)
+
+    class StepTimer(L.Callback):
+        def on_train_batch_start(self, *a):
+            timer.start()
+
+        def on_train_batch_end(self, *a):
+            timer.stop()
+
+    overrides = [
+        f"output_dir={root / f'run_{mode}'}",
+        "dataset=local",
+        f"dataset.path={root / 'pairs.jsonl'}",
+        f"dataset.val_path={root / 'pairs.jsonl'}",
+        f"dataset.batch_size={args.batch}",
+        f"dataset.max_length={args.prompt + args.completion + 8}",
+        f"dataset.max_prompt_length={args.prompt + 4}",
+        "dataset.cache_tokenized=false",
+        f"model.name_or_path={root / 'model'}",
+        f"model.attn_implementation={args.attn}",
+        f"loss={'simpo' if mode == 'simpo' else 'dpo'}",
+        f"reference.precompute={mode == 'precomputed'}",
+        f"logps.recompute={not args.no_recompute}",
+        f"trainer.max_steps={args.warmup + args.steps}",
+        "+trainer.limit_val_batches=0",
+        "trainer.enable_checkpointing=false",
+        "trainer.enable_progress_bar=false",
+        "trainer.max_epochs=-1",
+        "eval.num_prompts=0",
+        "probe.size=8",
+        "probe.every_n_steps=100000",
+        "logger=csv",
+        "optim.scheduler=null",
+    ]
+    if args.device == "cuda":
+        overrides += ["trainer=gpu"] + (
+            ["trainer.precision=bf16-mixed"]
+            if args.dtype == "bf16"
+            else ["trainer.precision=32-true"]
+        )
+    with initialize_config_module("dpo_lab.conf", version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    run = build(cfg)
+    run.trainer.callbacks.append(StepTimer())
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    return timer.times
+
+
+def child_trl(args: argparse.Namespace, mode: str, root: Path) -> list[float]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    timer = _Timer(args.device)
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            timer.start()
+
+        def on_step_end(self, *a, **k):
+            timer.stop()
+
+    rows = [json.loads(line) for line in open(root / "pairs.jsonl")]
+    model = AutoModelForCausalLM.from_pretrained(root / "model", attn_implementation=args.attn)
+    tok = AutoTokenizer.from_pretrained(root / "model")
+    common = dict(
+        output_dir=str(root / f"trl_{mode}"),
+        per_device_train_batch_size=args.batch,
+        max_steps=args.warmup + args.steps,
+        learning_rate=5e-4,
+        logging_steps=10_000,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=args.device == "cpu",
+        bf16=args.dtype == "bf16",
+        max_length=args.prompt + args.completion + 8,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+    )
+    data = Dataset.from_list(rows)
+    if mode == "simpo":
+        try:  # TRL ≥ 1.x keeps CPO (and its SimPO loss) under trl.experimental
+            from trl.experimental.cpo import CPOConfig, CPOTrainer
+        except ImportError:
+            from trl import CPOConfig, CPOTrainer
+
+        config = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.5, **common)
+        trainer = CPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=data,
+            processing_class=tok,
+            callbacks=[StepTimer()],
+        )
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        config = DPOConfig(beta=0.1, precompute_ref_log_probs=mode == "precomputed", **common)
+        trainer = DPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=data,
+            processing_class=tok,
+            callbacks=[StepTimer()],
+        )
+    trainer.train()
+    return timer.times
+
+
+def run_child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    root = Path(args.root)
+    fn = child_dpo_lab if args.child == "dpo_lab" else child_trl
+    times = fn(args, args.mode, root)
+    timed = times[args.warmup :]
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB → MiB
+    tokens = 2 * args.batch * (args.prompt + args.completion + 1)
+    med = statistics.median(timed)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "tokens_per_s": tokens / med,
+                "step_s": med,
+                "steps_timed": len(timed),
+                "peak_mib": peak,
+            }
+        ),
+        flush=True,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=None, help="default 4 × hidden")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    ap.add_argument("--completion", type=int, default=128, help="completion tokens (before EOS)")
+    ap.add_argument("--batch", type=int, default=8, help="pairs per step")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps (the median is reported)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--attn", default="sdpa")
+    ap.add_argument(
+        "--no-recompute",
+        action="store_true",
+        help="dpo_lab: keep the LM head's logits for backward (logps.recompute=false)",
+    )
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--tools", default="dpo_lab,trl")
+    ap.add_argument("--child", choices=("dpo_lab", "trl"), help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return run_child(args)
+
+    root = Path(tempfile.mkdtemp(prefix="dpo_lab_bench_"))
+    make_assets(args, root)
+    shared = (
+        "vocab",
+        "hidden",
+        "intermediate",
+        "layers",
+        "heads",
+        "prompt",
+        "completion",
+        "batch",
+        "warmup",
+        "steps",
+        "threads",
+        "device",
+        "dtype",
+        "attn",
+    )
+    passthrough = [f"--{k}={getattr(args, k)}" for k in shared if getattr(args, k) is not None]
+    results: dict[tuple[str, str], dict] = {}
+    env = {
+        **os.environ,
+        "DPO_LAB_CACHE": str(root / "cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(args.threads),
+    }
+    for mode in args.modes.split(","):
+        for tool in args.tools.split(","):
+            cmd = [
+                sys.executable,
+                __file__,
+                *passthrough,
+                "--child",
+                tool,
+                "--mode",
+                mode,
+                "--root",
+                str(root),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+                print(f"[{tool} {mode}] failed:\n  " + "\n  ".join(tail), file=sys.stderr)
+                continue
+            results[(tool, mode)] = json.loads(line[0][7:])
+            r = results[(tool, mode)]
+            print(
+                f"[{tool:7} {mode:11}] {r['tokens_per_s']:8.0f} tokens/s  "
+                f"{r['peak_mib']:7.0f} MiB peak",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    mem = "peak CUDA alloc" if args.device == "cuda" else "peak RSS"
+    print(
+        f"\nmodel: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers; "
+        f"{args.batch} pairs × (prompt {args.prompt} + completion {args.completion} + EOS); "
+        f"{args.device} {args.dtype}, {args.threads} threads; median of {args.steps} steps "
+        f"after {args.warmup} warm-up"
+    )
+    print(
+        f"| mode | dpo_lab tokens/s | TRL tokens/s | speed ratio | dpo_lab {mem} MiB | "
+        f"TRL {mem} MiB | memory ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for mode in args.modes.split(","):
+        a, b = results.get(("dpo_lab", mode)), results.get(("trl", mode))
+        fmt = lambda r, k: f"{r[k]:.0f}" if r else "—"  # noqa: E731
+        speed = f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}×" if a and b else "—"
+        memory = f"{a['peak_mib'] / b['peak_mib']:.2f}×" if a and b else "—"
+        print(
+            f"| {mode} | {fmt(a, 'tokens_per_s')} | {fmt(b, 'tokens_per_s')} | {speed} | "
+            f"{fmt(a, 'peak_mib')} | {fmt(b, 'peak_mib')} | {memory} |"
+        )
+    live = results.get(("dpo_lab", "live"))
+    pre = results.get(("dpo_lab", "precomputed"))
+    if live and pre:
+        print(
+            f"\ndpo_lab precomputed ÷ dpo_lab live: "
+            f"{pre['tokens_per_s'] / live['tokens_per_s']:.2f}× tokens/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
