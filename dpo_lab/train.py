@@ -147,6 +147,8 @@ def build(cfg: DictConfig) -> Run:
         tokenizer.chat_template = read_chat_template(cfg.dataset.chat_template)
     # The reference is the policy's starting point; a reference-free loss never builds one.
     reference = copy.deepcopy(policy) if spec.reference else None
+    if cfg.model.gradient_checkpointing:  # the policy only: the reference keeps no activations
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     raw = instantiate(cfg.dataset.source)
     if not isinstance(raw, PreferenceData):

@@ -247,8 +247,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     ap.add_argument("--completion", type=int, default=128, help="completion tokens (before EOS)")
     ap.add_argument("--batch", type=int, default=8, help="pairs per step")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -326,7 +326,7 @@ def main() -> None:
         f"\nmodel: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers; "
         f"{args.batch} pairs × (prompt {args.prompt} + completion {args.completion} + EOS); "
         f"{args.device} {args.dtype}, {args.threads} threads; median of {args.steps} steps "
-        f"after {args.warmup} warm-up"
+        f"after {args.warmup} warm-up; dpo_lab logps.recompute={not args.no_recompute}"
     )
     print(
         f"| mode | dpo_lab tokens/s | TRL tokens/s | speed ratio | dpo_lab {mem} MiB | "

@@ -295,3 +295,16 @@ def test_local_files_train_end_to_end(cfg_factory, tmp_path, kind):
     assert not torch.equal(
         run.module.policy.state_dict()["lm_head.weight"], start["lm_head.weight"]
     )
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains(cfg_factory):
+    run, start, _ = fit_steps(
+        cfg_factory(
+            "model.gradient_checkpointing=true", "trainer.max_steps=2", "eval.num_prompts=0"
+        )
+    )
+    assert run.module.policy.is_gradient_checkpointing
+    assert not torch.equal(
+        run.module.policy.state_dict()["lm_head.weight"], start["lm_head.weight"]
+    )
