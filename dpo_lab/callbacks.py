@@ -60,7 +60,7 @@ class DisplacementProbe(L.Callback):
     def _score(self, pl_module: Any, model: torch.nn.Module) -> PairedLogps:
         was_training = model.training
         model.eval()
-        batch = {k: v.to(pl_module.device) for k, v in self.batch.items()}
+        batch = {k: v.to(pl_module.device) for k, v in self.batch.items() if torch.is_tensor(v)}
         out = pl_module.paired_logps(model, batch)
         model.train(was_training)
         return PairedLogps(
@@ -106,10 +106,34 @@ class DisplacementProbe(L.Callback):
                     ]
                 )
 
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointed, so a resumed run keeps the starting model's scores as its reference level
+        (for a reference-free loss, the resumed policy is no longer the start)."""
+        ref = self.reference
+        return {
+            "last_step": self.last_step,
+            "reference": None
+            if ref is None
+            else [ref.chosen, ref.rejected, ref.chosen_tokens, ref.rejected_tokens],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = state["last_step"]
+        if state["reference"] is not None:
+            self.reference = PairedLogps(*state["reference"])
+        self._resumed = True
+
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.global_step == 0 or self.reference is None:
+        if self.reference is None:
             model = pl_module.reference if pl_module.reference is not None else pl_module.policy
             self.reference = self._score(pl_module, model)
+        if trainer.is_global_zero and getattr(self, "_resumed", False) and self.csv_path.exists():
+            # rows a killed run wrote after its last checkpoint are written again: drop them
+            with open(self.csv_path, newline="") as f:
+                rows = list(csv.reader(f))
+            keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= self.last_step]
+            with open(self.csv_path, "w", newline="") as f:
+                csv.writer(f).writerows(keep)
         if trainer.is_global_zero and not self.csv_path.exists():
             with open(self.csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(PROBE_COLUMNS)

@@ -11,3 +11,7 @@ class ConfigError(DpoLabError):
 
 class DataError(DpoLabError):
     """Input data is malformed. The message names the file, row or column."""
+
+
+class NonFiniteError(DpoLabError):
+    """A training step produced a non-finite loss or gradient. Names the step and examples."""

@@ -14,6 +14,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from dpo_lab.errors import ConfigError, NonFiniteError
+from dpo_lab.faults import rng_state, set_rng_state
 from dpo_lab.logps import completion_logps
 from dpo_lab.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps
 
@@ -39,6 +41,9 @@ class PreferenceModule(L.LightningModule):
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``optimizer -> LRScheduler`` stepped every step, or None.
         logps_kwargs: ``chunk_size`` and ``recompute`` for ``completion_logps``.
+        on_nonfinite: ``error`` stops at a non-finite loss or gradient, naming the step and the
+            batch's example ids; ``skip`` skips that update and counts it
+            (``train/skipped_nonfinite``).
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class PreferenceModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         logps_kwargs: dict[str, Any] | None = None,
+        on_nonfinite: str = "error",
     ):
         super().__init__()
         if loss.reference and reference is None:
@@ -64,6 +70,12 @@ class PreferenceModule(L.LightningModule):
         self.loss, self.loss_kwargs = loss, loss_kwargs
         self._optimizer, self._scheduler = optimizer, scheduler
         self.logps_kwargs = dict(logps_kwargs or {})
+        if on_nonfinite not in ("error", "skip"):
+            raise ConfigError(f"trainer.on_nonfinite={on_nonfinite!r}: expected error or skip")
+        self.on_nonfinite = on_nonfinite
+        self.skipped_nonfinite = 0
+        self._batch_ids: list[str] = []
+        self._loss_finite = True
 
     def train(self, mode: bool = True) -> PreferenceModule:
         """Lightning puts the module in train mode at fit start; the reference stays in eval."""
@@ -175,7 +187,39 @@ class PreferenceModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        self._batch_ids = list(batch.get("ids", []))
+        self._loss_finite = bool(torch.isfinite(loss))
+        if not self._loss_finite and self.on_nonfinite == "error":
+            raise self._nonfinite_error(f"loss {loss.item()}")
+        return loss
+
+    def _nonfinite_error(self, what: str) -> NonFiniteError:
+        ids = ", ".join(self._batch_ids[:16]) + (" ..." if len(self._batch_ids) > 16 else "")
+        return NonFiniteError(
+            f"non-finite {what} at step {self.global_step} (batch examples: {ids}); "
+            "trainer.on_nonfinite=skip skips such updates instead"
+        )
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure=None):
+        """Run forward and backward, then step only if loss and gradients are finite."""
+        optimizer_closure()
+        bad = next(
+            (
+                name
+                for name, p in self.policy.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            ),
+            None,
+        )
+        if self._loss_finite and bad is None:
+            optimizer.step(closure=lambda: None)  # the closure has run: step on its gradients
+            return
+        if self.on_nonfinite == "error":
+            raise self._nonfinite_error(f"gradient (first: {bad})")
+        self.skipped_nonfinite += 1
+        optimizer.zero_grad(set_to_none=True)
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -194,11 +238,16 @@ class PreferenceModule(L.LightningModule):
     # -- checkpoints: the reference is rebuilt from its source, never stored --------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dpo_lab"] = {"rng": rng_state(), "skipped_nonfinite": self.skipped_nonfinite}
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("dpo_lab", {})
+        if "rng" in extra:
+            set_rng_state(extra["rng"])
+        self.skipped_nonfinite = extra.get("skipped_nonfinite", 0)
         if self.reference is not None:  # keep the reference this module was built with
             checkpoint["state_dict"].update(
                 {f"reference.{k}": v for k, v in self.reference.state_dict().items()}

@@ -71,7 +71,7 @@ def score(
     chosen, rejected = [], []
     for start in range(0, len(items), batch_size):
         batch = collate(items[start : start + batch_size])
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         out = paired_logps(model, batch)
         chosen.append(out.chosen.float().cpu())
         rejected.append(out.rejected.float().cpu())

@@ -7,6 +7,7 @@ thin Hydra wrapper that turns user mistakes into one-line errors and returns the
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import logging
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_lab.callbacks import DisplacementProbe
@@ -27,6 +29,7 @@ from dpo_lab.data.formats import prepare
 from dpo_lab.data.sources import PreferenceData
 from dpo_lab.errors import ConfigError, DpoLabError
 from dpo_lab.evaluation import evaluate
+from dpo_lab.faults import AtomicCheckpointIO, SaveOnInterrupt, resolve_resume
 from dpo_lab.losses import LossSpec, bind_loss_kwargs, get_loss
 from dpo_lab.models import load_model, resolve_name_or_path
 from dpo_lab.module import PreferenceModule
@@ -129,6 +132,7 @@ class Run:
     probe: DisplacementProbe | None
     loggers: list[Any]
     trainer: L.Trainer
+    ckpt_path: str | None = None  # the checkpoint this run resumes from
 
 
 def build(cfg: DictConfig) -> Run:
@@ -179,6 +183,8 @@ def build(cfg: DictConfig) -> Run:
         group_by_length=cfg.dataset.group_by_length,
         cache=cfg.dataset.cache_tokenized,
     )
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    on_nonfinite = trainer_cfg.pop("on_nonfinite")  # ours, not a lightning.Trainer argument
     scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None
     module = PreferenceModule(
         policy,
@@ -188,8 +194,22 @@ def build(cfg: DictConfig) -> Run:
         instantiate(cfg.optim.optimizer),
         scheduler,
         logps_kwargs=OmegaConf.to_container(cfg.logps),
+        on_nonfinite=on_nonfinite,
     )
+    ckpt_path = resolve_resume(cfg.resume, out)
     callbacks: list[Any] = []
+    if trainer_cfg.get("enable_checkpointing", True):
+        ckpt_dir = out / "checkpoints"
+        callbacks += [
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                save_top_k=0,
+                save_last=True,
+                every_n_train_steps=cfg.checkpoint.every_n_steps or 0,
+                enable_version_counter=False,
+            ),
+            SaveOnInterrupt(ckpt_dir),
+        ]
     if cfg.reference.precompute:  # before the probe: it frees the reference at fit start
         callbacks.append(
             PrecomputedReference(out, cfg.reference.cache_path, cfg.reference.batch_size)
@@ -201,7 +221,8 @@ def build(cfg: DictConfig) -> Run:
         callbacks.append(probe)
     else:
         log.warning("unpaired data has no pairs: the displacement probe is off for this run")
-    loggers = [instantiate(c) for c in cfg.logger.values()]
+    resuming = ckpt_path is not None
+    loggers = [_logger(name, c, out, resuming) for name, c in cfg.logger.items()]
     hparams = flat_config(cfg)
     data_stats = {f"data/dropped_too_long/{k}": v for k, v in dm.dropped_too_long.items()}
     data_stats.update({f"data/{k}": v for k, v in data.stats.items()})
@@ -209,9 +230,39 @@ def build(cfg: DictConfig) -> Run:
         lg.log_hyperparams(hparams)
         lg.log_metrics(data_stats, 0)
     trainer = instantiate(
-        cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(out)
+        trainer_cfg,
+        logger=loggers,
+        callbacks=callbacks,
+        default_root_dir=str(out),
+        plugins=[AtomicCheckpointIO()],
     )
-    return Run(cfg, out, spec, data, path, tokenizer, dm, module, probe, loggers, trainer)
+    return Run(
+        cfg, out, spec, data, path, tokenizer, dm, module, probe, loggers, trainer, ckpt_path
+    )
+
+
+def _logger(name: str, c: DictConfig, out: Path, resuming: bool) -> Any:
+    """Instantiate one logger; a resumed run's W&B logger continues the same W&B run."""
+    id_file, metrics = out / "wandb_run_id", out / "metrics.csv"
+    if name == "wandb" and resuming and id_file.exists():
+        lg = instantiate(c, id=id_file.read_text().strip(), resume="allow")
+    else:
+        lg = instantiate(c)
+    if name == "wandb":
+        id_file.write_text(lg.experiment.id)
+    if name == "csv" and resuming and metrics.exists():
+        # Lightning's CSV writer deletes an existing metrics.csv when it starts; keep the rows
+        # the run logged before it stopped, and append after them.
+        with open(metrics, newline="") as f:
+            reader = csv.DictReader(f)
+            rows, keys = list(reader), list(reader.fieldnames or [])
+        writer = lg.experiment
+        writer.metrics_keys = keys
+        with open(writer.metrics_file_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+    return lg
 
 
 def _load(cfg: DictConfig, path: str) -> tuple[Any, Any]:
@@ -280,7 +331,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; return the summary (also written to the run dir)."""
     t0 = time.time()
     run = build(cfg)
-    run.trainer.fit(run.module, datamodule=run.datamodule)
+    if run.ckpt_path:
+        log.info("resuming from %s", run.ckpt_path)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
+    if run.trainer.checkpoint_callback is not None:  # the final state, whatever N divides
+        run.trainer.save_checkpoint(run.out / "checkpoints" / "last.ckpt")
     summary = finish(run, t0)
     print(_format_summary(summary), flush=True)
     return summary
@@ -288,11 +343,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="pkg://dpo_lab.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         summary = train(cfg)
     except DpoLabError as e:
         print(f"dpo_lab: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except SIGTERMException:  # Lightning exits 0 here; a scheduler should see a termination
+        print(
+            f"dpo_lab: stopped by SIGTERM; checkpoint in {cfg.output_dir}/checkpoints/last.ckpt; "
+            f"continue with resume=auto hydra.run.dir={cfg.output_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(143)
     value = summary.get(cfg.optimized_metric) if cfg.optimized_metric else None
     return float(value) if value is not None else None
 

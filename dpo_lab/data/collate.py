@@ -163,6 +163,7 @@ class PreferenceCollator:
         rejected = [(it["prompt_ids"], it["rejected_ids"]) for it in items]
         batch = pad_sequences(chosen + rejected, self.pad_id)
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        batch["ids"] = [it["id"] for it in items]  # example ids, for error messages
         if "ref_chosen_logps" in items[0]:  # precomputed reference log-probs (dpo_lab.refcache)
             for k in ("ref_chosen_logps", "ref_rejected_logps"):
                 batch[k] = torch.tensor([it[k] for it in items], dtype=torch.float32)
@@ -192,4 +193,5 @@ class UnpairedCollator:
         batch.update({f"kl_{k}": v for k, v in kl.items()})
         batch["desirable"] = torch.tensor([bool(it["desirable"]) for it in items])
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        batch["ids"] = [it["id"] for it in items]
         return batch

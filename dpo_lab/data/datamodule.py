@@ -179,27 +179,80 @@ def item_length(it: dict[str, Any]) -> int:
     return len(it["prompt_ids"]) + max(len(c) for c in comps)
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffled, then sorted by length within mega-batches of ``mega`` batches, so each batch
-    holds similar lengths (less padding) while the order stays random across mega-batches.
-    Lightning calls ``set_epoch`` each epoch, which reshuffles."""
+class EpochSampler(Sampler[int]):
+    """A seeded order per epoch that can start part-way, so a run can resume mid-epoch exactly.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int = 50):
-        self.lengths, self.batch_size, self.seed, self.mega = lengths, batch_size, seed, mega
-        self.epoch = 0
+    Epoch e's order is the one a ``DataLoader(shuffle=True, generator=Generator().manual_seed(
+    seed))`` gives in its e-th pass (the same draws are replayed), so results match a plain
+    shuffled DataLoader's exactly. Lightning calls ``set_epoch`` at each epoch start. ``skip`` drops
+    the first k indices of the next pass only (set by ``ResumableDataLoader.load_state_dict``).
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return self.n
+
+    def order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch):  # the draws one pass of a shuffled DataLoader makes
+            self._base_seed_draw(g)
+            torch.randperm(self.n, generator=g)
+            torch.randperm(self.n, generator=g)  # RandomSampler's draw for a (here empty) tail
+        self._base_seed_draw(g)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    @staticmethod
+    def _base_seed_draw(g: torch.Generator) -> None:
+        """The worker base seed a DataLoader draws from its generator at each ``iter()``."""
+        torch.empty((), dtype=torch.int64).random_(generator=g)
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(len(self.lengths), generator=g).tolist()
-        size = self.mega * self.batch_size
-        for start in range(0, len(perm), size):
-            yield from sorted(perm[start : start + size], key=lambda i: -self.lengths[i])
+        order, skip = self.order(), self.skip
+        self.skip = 0
+        yield from order[skip:]
+
+
+class LengthGroupedSampler(EpochSampler):
+    """Shuffled, then sorted by length within mega-batches of ``mega`` batches, so each batch
+    holds similar lengths (less padding) while the order stays random across mega-batches."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int = 50):
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size, self.mega = lengths, batch_size, mega
+
+    def order(self) -> list[int]:
+        perm, size = super().order(), self.mega * self.batch_size
+        return [
+            i
+            for start in range(0, len(perm), size)
+            for i in sorted(perm[start : start + size], key=lambda i: -self.lengths[i])
+        ]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints with the run (it implements ``state_dict``).
+
+    Its state is the number of batches of the current epoch that training has *processed*,
+    read from the trainer's own progress counter, not how many this loader has yielded (the
+    trainer prefetches one batch ahead). On load, the sampler skips those batches' examples.
+    """
+
+    def __init__(self, *args: Any, progress: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": int(self._progress())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        batches = state.get("batches", 0)
+        if 0 < batches < len(self):  # a finished epoch resumes at the next one's start
+            self.sampler.skip = batches * self.batch_size
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -271,19 +324,23 @@ class PreferenceDataModule(L.LightningDataModule):
         return self.data.reward_fn
 
     def train_dataloader(self) -> DataLoader:
-        lone = self._lone_last(len(self.train_items), self.batch_size, "train")
-        common = dict(
+        if self.group_by_length:
+            lengths = [item_length(it) for it in self.train_items]
+            sampler: EpochSampler = LengthGroupedSampler(lengths, self.batch_size, self.seed)
+        else:
+            sampler = EpochSampler(len(self.train_items), self.seed)
+        trainer = getattr(self, "trainer", None)
+        return ResumableDataLoader(
+            self.train_items,
+            sampler=sampler,
             batch_size=self.batch_size,
             collate_fn=self.loader_collate,
             num_workers=self.num_workers,
-            drop_last=lone,
+            drop_last=self._lone_last(len(self.train_items), self.batch_size, "train"),
+            progress=lambda: (
+                trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else 0
+            ),
         )
-        if self.group_by_length:
-            lengths = [item_length(it) for it in self.train_items]
-            sampler = LengthGroupedSampler(lengths, self.batch_size, self.seed)
-            return DataLoader(self.train_items, sampler=sampler, **common)
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_items, shuffle=True, generator=g, **common)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -1,0 +1,101 @@
+"""Fault tolerance: atomic checkpoints, resuming, saving on interrupt, RNG state.
+
+- ``AtomicCheckpointIO`` writes a checkpoint to a temporary file in the same directory, syncs it
+  and renames it over the target: a write killed midway leaves the previous checkpoint intact.
+- ``resolve_resume`` turns ``resume=auto|<run dir>|<file.ckpt>`` into the checkpoint to load.
+- ``SaveOnInterrupt`` saves ``last.ckpt`` when a run is stopped by Ctrl-C or SIGTERM (a scheduler's
+  preemption), never after a failure such as a non-finite loss: a bad step must not become the
+  checkpoint a run resumes from.
+- ``rng_state``/``set_rng_state``: Python, NumPy and torch (CPU, CUDA) generators, stored in every
+  checkpoint by ``PreferenceModule``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from dpo_lab.errors import ConfigError
+
+LAST = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into ``<name>.tmp``, fsync, then ``os.replace`` onto ``<name>``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def resolve_resume(resume: str | None, out: Path) -> str | None:
+    """The checkpoint to resume from: None (fresh), ``auto``, a run dir, or a ``.ckpt`` file.
+
+    ``auto`` continues ``<run dir>/checkpoints/last.ckpt`` when there is one and starts fresh
+    otherwise; an explicit path that holds no checkpoint is an error.
+    """
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        last = out / "checkpoints" / LAST
+        return str(last) if last.is_file() else None
+    p = Path(resume).expanduser()
+    if p.is_dir():
+        p = p / "checkpoints" / LAST
+    if not p.is_file():
+        raise ConfigError(f"resume={resume!r}: no checkpoint at {str(p)!r}")
+    return str(p)
+
+
+class SaveOnInterrupt(L.Callback):
+    """On Ctrl-C or SIGTERM, save ``<dir>/last.ckpt`` before the process exits."""
+
+    def __init__(self, dirpath: str | Path):
+        self.path = Path(dirpath) / LAST
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            trainer.save_checkpoint(self.path)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain Python values, so checkpoints stay loadable
+    with ``torch.load(weights_only=True)``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
