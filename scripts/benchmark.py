@@ -187,24 +187,15 @@ def child_trl(args: argparse.Namespace, mode: str, root: Path) -> list[float]:
             from trl import CPOConfig, CPOTrainer
 
         config = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.5, **common)
-        trainer = CPOTrainer(
-            model=model,
-            args=config,
-            train_dataset=data,
-            processing_class=tok,
-            callbacks=[StepTimer()],
-        )
+        trainer_cls = CPOTrainer
     else:
         from trl import DPOConfig, DPOTrainer
 
         config = DPOConfig(beta=0.1, precompute_ref_log_probs=mode == "precomputed", **common)
-        trainer = DPOTrainer(
-            model=model,
-            args=config,
-            train_dataset=data,
-            processing_class=tok,
-            callbacks=[StepTimer()],
-        )
+        trainer_cls = DPOTrainer
+    trainer = trainer_cls(
+        model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[StepTimer()]
+    )
     trainer.train()
     return timer.times
 
