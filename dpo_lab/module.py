@@ -44,6 +44,8 @@ class PreferenceModule(L.LightningModule):
         on_nonfinite: ``error`` stops at a non-finite loss or gradient, naming the step and the
             batch's example ids; ``skip`` skips that update and counts it
             (``train/skipped_nonfinite``).
+        online: an ``OnlinePairs``: each training batch's prompts are answered by the current
+            policy, judged and paired, and those pairs are trained on (``algo=online``).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class PreferenceModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         logps_kwargs: dict[str, Any] | None = None,
         on_nonfinite: str = "error",
+        online: Any = None,
     ):
         super().__init__()
         if loss.reference and reference is None:
@@ -76,6 +79,10 @@ class PreferenceModule(L.LightningModule):
         self.skipped_nonfinite = 0
         self._batch_ids: list[str] = []
         self._loss_finite = True
+        self.online = online
+        self._step_started: float | None = None
+        self._gen_seconds = 0.0
+        self.online_pairs_total = 0  # pairs trained on so far (online)
 
     def train(self, mode: bool = True) -> PreferenceModule:
         """Lightning puts the module in train mode at fit start; the reference stays in eval."""
@@ -186,7 +193,29 @@ class PreferenceModule(L.LightningModule):
                 self.log(short, v, prog_bar=True, logger=False, batch_size=n, on_epoch=not train)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def _online_batch(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """Replace the batch's fixed pairs by pairs sampled from the policy and judged."""
+        import time
+
+        now = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if self._step_started is not None:  # the previous step's share spent generating
+            metrics["online/gen_time_share"] = self._gen_seconds / (now - self._step_started)
+        self._step_started = now
+        batch, step_metrics = self.online(self.policy, self.reference, batch)
+        self._gen_seconds = step_metrics["online/gen_seconds"]
+        self.online_pairs_total += int(step_metrics["online/pairs"])
+        metrics.update(step_metrics)
+        metrics["online/pairs_total"] = float(self.online_pairs_total)
+        self.log_dict(metrics, on_step=True, batch_size=1)
+        return batch
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if self.online is not None:
+            batch = self._online_batch(batch)
+            if batch is None:  # every prompt's samples tied: nothing to learn from this step
+                self._batch_ids, self._loss_finite = [], True
+                return None
         loss = self._step(batch, "train")
         self._batch_ids = list(batch.get("ids", []))
         self._loss_finite = bool(torch.isfinite(loss))
@@ -238,7 +267,11 @@ class PreferenceModule(L.LightningModule):
     # -- checkpoints: the reference is rebuilt from its source, never stored --------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["dpo_lab"] = {"rng": rng_state(), "skipped_nonfinite": self.skipped_nonfinite}
+        checkpoint["dpo_lab"] = {
+            "rng": rng_state(),
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "online_pairs_total": self.online_pairs_total,
+        }
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
@@ -248,6 +281,7 @@ class PreferenceModule(L.LightningModule):
         if "rng" in extra:
             set_rng_state(extra["rng"])
         self.skipped_nonfinite = extra.get("skipped_nonfinite", 0)
+        self.online_pairs_total = extra.get("online_pairs_total", 0)
         if self.reference is not None:  # keep the reference this module was built with
             checkpoint["state_dict"].update(
                 {f"reference.{k}": v for k, v in self.reference.state_dict().items()}

@@ -33,6 +33,7 @@ from dpo_lab.faults import AtomicCheckpointIO, SaveOnInterrupt, resolve_resume
 from dpo_lab.losses import LossSpec, bind_loss_kwargs, get_loss
 from dpo_lab.models import load_model, resolve_name_or_path
 from dpo_lab.module import PreferenceModule
+from dpo_lab.online import OnlinePairs, TaskRewardJudge
 from dpo_lab.refcache import PrecomputedReference
 
 log = logging.getLogger("dpo_lab")
@@ -65,6 +66,14 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
                 f"reference.precompute is not available for loss={spec.name}: its KL rows pair "
                 "each prompt with another example's completion in the same batch, so they change "
                 "with the batch order"
+            )
+    if cfg.algo.name == "online":
+        if spec.data != "paired":
+            raise ConfigError(f"algo=online forms pairs; loss={spec.name} takes unpaired data")
+        if cfg.reference.precompute:
+            raise ConfigError(
+                "algo=online samples new completions each step, so their reference "
+                "log-probs cannot be precomputed; drop reference.precompute"
             )
     if cfg.probe.size < 1 or cfg.probe.every_n_steps < 1:
         raise ConfigError("probe.size and probe.every_n_steps must be >= 1")
@@ -186,6 +195,7 @@ def build(cfg: DictConfig) -> Run:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     on_nonfinite = trainer_cfg.pop("on_nonfinite")  # ours, not a lightning.Trainer argument
     scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None
+    online = _online(cfg, data, tokenizer) if cfg.algo.name == "online" else None
     module = PreferenceModule(
         policy,
         reference,
@@ -195,6 +205,7 @@ def build(cfg: DictConfig) -> Run:
         scheduler,
         logps_kwargs=OmegaConf.to_container(cfg.logps),
         on_nonfinite=on_nonfinite,
+        online=online,
     )
     ckpt_path = resolve_resume(cfg.resume, out)
     callbacks: list[Any] = []
@@ -238,6 +249,29 @@ def build(cfg: DictConfig) -> Run:
     )
     return Run(
         cfg, out, spec, data, path, tokenizer, dm, module, probe, loggers, trainer, ckpt_path
+    )
+
+
+def _online(cfg: DictConfig, data: PreferenceData, tokenizer: Any) -> OnlinePairs:
+    if cfg.algo.judge is not None:
+        judge = instantiate(cfg.algo.judge)
+    elif data.reward_fn is not None:
+        judge = TaskRewardJudge(data.reward_fn)
+    else:
+        raise ConfigError(
+            "algo=online needs a judge: this dataset has no ground-truth reward; set algo.judge "
+            "(a reward model: {_target_: dpo_lab.online.RewardModelJudge, name_or_path: ...}, or "
+            "any f(prompt, completion) -> float)"
+        )
+    return OnlinePairs(
+        judge,
+        tokenizer,
+        [r["prompt"] for r in data.train],
+        samples_per_prompt=cfg.algo.samples_per_prompt,
+        pairs=cfg.algo.pairs,
+        temperature=cfg.algo.temperature,
+        top_p=cfg.algo.top_p,
+        max_new_tokens=cfg.algo.max_new_tokens,
     )
 
 
@@ -288,6 +322,8 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
     )
     if run.probe is not None:
         summary.update(run.probe.last_metrics)  # the final policy's probe numbers
+    if module.online is not None:
+        summary["online/pairs_total"] = module.online_pairs_total
 
     if cfg.eval.num_prompts > 0:
         eval_reference = module.reference

@@ -1,0 +1,119 @@
+"""Online DPO: pairs ranked by the judge, judges (task reward, local reward model, callable),
+generation cut at EOS and max tokens, and a real online training run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_lab.errors import ConfigError
+from dpo_lab.evaluation import generate
+from dpo_lab.online import RewardModelJudge, as_judge, form_pairs
+from dpo_lab.tasks.sentiment import build_tokenizer
+from dpo_lab.train import build, check_config
+
+
+def test_pairs_take_the_higher_score_as_chosen():
+    scores = [0.1, 0.9, 0.5, 0.5, -1.0, 2.0, 2.0, 0.0, 0.3, 0.3, 0.3, 0.3]  # 3 prompts, K = 4
+    assert form_pairs(scores, 4, "best_worst") == [(1, 0), (5, 4)]  # the all-tied third: none
+    every = form_pairs(scores, 4, "all")
+    assert all(scores[c] > scores[r] for c, r in every)
+    assert set(every) >= {(1, 0), (2, 0), (3, 0), (1, 2), (1, 3), (5, 4), (6, 7)}
+    assert len(every) == 5 + 5  # first group: 6 pairs minus the tie (2, 3); second: minus (5, 6)
+
+
+def test_generation_respects_eos_and_max_tokens():
+    from conftest import tiny_llama
+
+    tok = build_tokenizer()
+    model = tiny_llama(vocab=len(tok), seed=1)
+    with torch.no_grad():  # a bias toward EOS, so that both endings occur
+        model.lm_head.weight[tok.eos_token_id] = model.model.norm.weight * 0.25
+    torch.manual_seed(0)
+    gens = generate(model, tok, ["moonrise was"] * 64, max_new_tokens=7, batch_size=64)
+    assert all(1 <= len(c) <= 7 for c in gens.completion_ids)
+    ended = [tok.eos_token_id in c for c in gens.completion_ids]
+    assert any(ended) and not all(ended), "both endings should occur in this test"
+    for c in gens.completion_ids:
+        if tok.eos_token_id in c:
+            assert c.index(tok.eos_token_id) == len(c) - 1  # nothing after EOS
+        else:
+            assert len(c) == 7  # only the cap ends a completion without EOS
+
+
+def test_reward_model_judge_from_a_local_random_init_model(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    judge = RewardModelJudge(str(tmp_path / "rm"), batch_size=2)
+    scores = judge(["moonrise was"] * 3, ["great .", "awful .", "a truly great film ."])
+    assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
+    assert scores == judge(["moonrise was"] * 3, ["great .", "awful .", "a truly great film ."])
+    with pytest.raises(ConfigError, match="could not load a reward model"):
+        RewardModelJudge(str(tmp_path / "missing"))
+
+
+def length_score(prompt, completion):  # a plain callable judge, given by _target_ in a test
+    return float(len(completion.split()))
+
+
+def test_a_plain_callable_is_a_judge():
+    assert as_judge(length_score)(["p", "p"], ["a b", "a"]) == [2.0, 1.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("judge", ["task", "callable"])
+def test_a_two_step_online_run_trains(cfg_factory, judge):
+    extra = (
+        []
+        if judge == "task"
+        else ["+algo.judge._target_=test_online.length_score", "+algo.judge._partial_=true"]
+    )
+    cfg = cfg_factory(
+        "algo=online",
+        "trainer.max_steps=2",
+        "eval.num_prompts=0",
+        "algo.max_new_tokens=8",
+        "trainer.log_every_n_steps=1",
+        *extra,
+    )
+    run = build(cfg)
+    start = {k: v.clone() for k, v in run.module.policy.state_dict().items()}
+    ref = {k: v.clone() for k, v in run.module.reference.state_dict().items()}
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 2
+    assert not torch.equal(
+        start["lm_head.weight"], run.module.policy.state_dict()["lm_head.weight"]
+    )
+    assert all(torch.equal(v, run.module.reference.state_dict()[k]) for k, v in ref.items())
+    logged = set(run.trainer.callback_metrics)
+    assert {
+        "online/score",
+        "online/score_margin",
+        "online/kl",
+        "online/pairs",
+        "online/sample_length",
+        "online/gen_time_share",
+        "train/loss",
+    } <= logged
+    assert 0 < float(run.trainer.callback_metrics["online/gen_time_share"]) < 1
+
+
+def test_online_config_errors(cfg_factory):
+    with pytest.raises(ConfigError, match="algo=online forms pairs; loss=kto"):
+        check_config(cfg_factory("algo=online", "loss=kto"))
+    with pytest.raises(ConfigError, match="cannot be precomputed"):
+        check_config(cfg_factory("algo=online", "reference.precompute=true"))
+    with pytest.raises(ConfigError, match="samples_per_prompt must be >= 2"):
+        build(cfg_factory("algo=online", "algo.samples_per_prompt=1", "eval.num_prompts=0"))
