@@ -84,12 +84,12 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
 
 def read_chat_template(value: str) -> str:
     """``dataset.chat_template``: a Jinja template, or the path of a file holding one."""
+    if "{" in value:  # Jinja syntax: the template itself (never stat a template as a path)
+        return value
     p = Path(value).expanduser()
-    if "{" not in value and p.suffix in (".jinja", ".j2", ".txt", ".tmpl") or p.is_file():
-        if not p.is_file():
-            raise ConfigError(f"dataset.chat_template: no such file {value!r}")
-        return p.read_text()
-    return value
+    if not p.is_file():
+        raise ConfigError(f"dataset.chat_template={value!r}: not a Jinja template and no such file")
+    return p.read_text()
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:

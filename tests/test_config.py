@@ -107,3 +107,15 @@ def test_cli_unknown_loss_lists_the_options(tmp_path):
     assert proc.returncode != 0
     assert "Could not find 'loss/dpoo'" in proc.stderr
     assert "dpo" in proc.stderr and "simpo" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_chat_template_inline_or_from_a_file(tmp_path):
+    from dpo_lab.train import read_chat_template
+
+    inline = "{% for m in messages %}" + "x" * 5000 + "{{ m['content'] }}{% endfor %}"
+    assert read_chat_template(inline) == inline  # long inline templates are not paths
+    f = tmp_path / "t.jinja"
+    f.write_text("{{ messages }}")
+    assert read_chat_template(str(f)) == "{{ messages }}"
+    with pytest.raises(ConfigError, match="not a Jinja template and no such file"):
+        read_chat_template(str(tmp_path / "missing.jinja"))
