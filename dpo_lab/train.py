@@ -38,6 +38,21 @@ from dpo_lab.refcache import PrecomputedReference
 
 log = logging.getLogger("dpo_lab")
 
+
+def short_name(text: str, limit: int = 120) -> str:
+    """``text`` if short enough for a file name, else its start and a hash of the whole."""
+    import hashlib
+
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+# conf/train.yaml names sweep job dirs with it: Hydra's override_dirname alone can pass the
+# 255-byte file-name limit once a sweep has a dozen overrides.
+if not OmegaConf.has_resolver("dpo_lab_short"):
+    OmegaConf.register_new_resolver("dpo_lab_short", short_name)
+
 # Expected here, not a user's concern: the frozen reference is in eval mode during fit, and the
 # run dir already holds Hydra's files when the CSV logger starts.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -275,13 +290,30 @@ def _online(cfg: DictConfig, data: PreferenceData, tokenizer: Any) -> OnlinePair
     )
 
 
+def _wandb_names(c: DictConfig) -> dict[str, str]:
+    """Unset W&B name/group from Hydra: the run is named by its overrides, a sweep's runs share
+    a group named after the sweep dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hc, names = HydraConfig.get(), {}
+    if c.get("name") is None and hc.job.override_dirname:
+        names["name"] = hc.job.override_dirname
+    if c.get("group") is None and _in_multirun():
+        names["group"] = Path(hc.sweep.dir).name
+    return names
+
+
 def _logger(name: str, c: DictConfig, out: Path, resuming: bool) -> Any:
     """Instantiate one logger; a resumed run's W&B logger continues the same W&B run."""
     id_file, metrics = out / "wandb_run_id", out / "metrics.csv"
-    if name == "wandb" and resuming and id_file.exists():
-        lg = instantiate(c, id=id_file.read_text().strip(), resume="allow")
-    else:
-        lg = instantiate(c)
+    extra: dict[str, Any] = {}
+    if name == "wandb":
+        extra = _wandb_names(c)
+        if resuming and id_file.exists():
+            extra.update(id=id_file.read_text().strip(), resume="allow")
+    lg = instantiate(c, **extra)
     if name == "wandb":
         id_file.write_text(lg.experiment.id)
     if name == "csv" and resuming and metrics.exists():
@@ -377,13 +409,43 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_failure(out: Path, error: BaseException) -> None:
+    import traceback
+
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "error_type": type(error).__name__,
+        "error": str(error),
+        "traceback": "".join(traceback.format_exception(error)),
+    }
+    (out / "failed.json").write_text(json.dumps(record, indent=2))
+
+
 @hydra.main(version_base="1.3", config_path="pkg://dpo_lab.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
         summary = train(cfg)
-    except DpoLabError as e:
+    except Exception as e:  # not SIGTERMException: a SystemExit, handled below
+        if _in_multirun():  # one failed job must not end the sweep: record it and go on
+            _record_failure(Path(cfg.output_dir), e)
+            print(
+                f"dpo_lab: job failed ({type(e).__name__}: {e}); recorded in "
+                f"{cfg.output_dir}/failed.json",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
+        if not isinstance(e, DpoLabError):
+            raise
         print(f"dpo_lab: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except SIGTERMException:  # Lightning exits 0 here; a scheduler should see a termination
