@@ -68,6 +68,14 @@ def collect(sweep: Path) -> list[Job]:
     return jobs
 
 
+def _override(job: Job, key: str) -> str | None:
+    """The value ``job`` sets for ``key`` among its distinguishing overrides, if any."""
+    for o in job.overrides.split():
+        if o.startswith(key + "="):
+            return o.split("=", 1)[1]
+    return None
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
 
@@ -142,16 +150,23 @@ def write_figures(jobs: list[Job], sweep: Path) -> list[Path]:
     evaluated = [j for j in done if "eval/kl" in j.summary and "eval/reward/policy" in j.summary]
     if evaluated:
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-        for j in evaluated:
-            x, y = j.summary["eval/kl"], j.summary["eval/reward/policy"]
-            ax.scatter([x], [y])
-            ax.annotate(
-                j.overrides or j.path.name,
-                (x, y),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+        groups: dict[str, list[Job]] = {}
+        for j in evaluated:  # one curve per loss when the sweep varies the loss
+            groups.setdefault(_override(j, "loss") or "", []).append(j)
+        for name, group in groups.items():
+            group.sort(key=lambda j: j.summary["eval/kl"])
+            xs = [j.summary["eval/kl"] for j in group]
+            ys = [j.summary["eval/reward/policy"] for j in group]
+            ax.plot(xs, ys, marker="o", label=f"loss={name}" if name else None)
+            for j, x, y in zip(group, xs, ys, strict=True):
+                label = " ".join(o for o in j.overrides.split() if not o.startswith("loss="))
+                ax.annotate(
+                    label or j.path.name,
+                    (x, y),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         ref = [j.summary["eval/reward/reference"] for j in evaluated]
         ax.axhline(sum(ref) / len(ref), color="gray", ls="--", lw=1, label="reference")
         ax.set_xscale("symlog")

@@ -17,7 +17,7 @@ from dpo_lab.losses import LOSSES
 from dpo_lab.train import check_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["model", "dataset", "loss", "optim", "trainer", "logger"]
+GROUPS = ["model", "dataset", "loss", "optim", "trainer", "logger", "algo", "experiment"]
 
 
 @pytest.mark.parametrize(
