@@ -22,6 +22,24 @@ def probe_means(csv_path: str | Path) -> dict[str, list[float]]:
     return out
 
 
+def finish_figure(
+    fig, ax, path: str | Path, *, xlabel: str, ylabel: str, title: str, legend_size: int = 8
+) -> Path:
+    """Label, legend, grid, save to ``path`` (creating its folder) and close: every figure's end."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_probe(csv_path: str | Path, png_path: str | Path) -> Path:
     """Mean chosen and rejected log-probs of the probe set against step, reference levels dashed."""
     import matplotlib
@@ -38,12 +56,11 @@ def plot_probe(csv_path: str | Path, png_path: str | Path) -> Path:
         ax.axhline(
             m[f"reference_{side}_logps"][0], color=color, ls="--", lw=1, label=f"reference, {side}"
         )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("mean log-prob of completion (probe set)")
-    ax.set_title("Preference displacement on the probe set")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-    return Path(png_path)
+    return finish_figure(
+        fig,
+        ax,
+        png_path,
+        xlabel="training step",
+        ylabel="mean log-prob of completion (probe set)",
+        title="Preference displacement on the probe set",
+    )

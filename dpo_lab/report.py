@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from dpo_lab.plots import finish_figure
+
 METRICS = (
     "val/rewards/accuracies",
     "probe/rewards/accuracies",
@@ -138,15 +140,17 @@ def write_figures(jobs: list[Job], sweep: Path) -> list[Path]:
             ax.plot(steps, chosen, color=color, label=j.overrides or j.path.name)
             ax.plot(steps, rejected, color=color, ls="--")
         ax.axhline(0, color="gray", lw=1)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("mean log π − log π_ref on the probe set")
-        ax.set_title("Displacement: chosen (solid) and rejected (dashed)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(sweep / "displacement.png")
-        plt.close(fig)
-        out.append(sweep / "displacement.png")
+        out.append(
+            finish_figure(
+                fig,
+                ax,
+                sweep / "displacement.png",
+                xlabel="training step",
+                ylabel="mean log π − log π_ref on the probe set",
+                title="Displacement: chosen (solid) and rejected (dashed)",
+                legend_size=7,
+            )
+        )
     evaluated = [j for j in done if "eval/kl" in j.summary and "eval/reward/policy" in j.summary]
     if evaluated:
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -170,15 +174,16 @@ def write_figures(jobs: list[Job], sweep: Path) -> list[Path]:
         ref = [j.summary["eval/reward/reference"] for j in evaluated]
         ax.axhline(sum(ref) / len(ref), color="gray", ls="--", lw=1, label="reference")
         ax.set_xscale("symlog")
-        ax.set_xlabel("KL(π‖π_ref), nats (symlog)")
-        ax.set_ylabel("true reward of policy samples")
-        ax.set_title("Reward against KL")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(sweep / "frontier.png")
-        plt.close(fig)
-        out.append(sweep / "frontier.png")
+        out.append(
+            finish_figure(
+                fig,
+                ax,
+                sweep / "frontier.png",
+                xlabel="KL(π‖π_ref), nats (symlog)",
+                ylabel="true reward of policy samples",
+                title="Reward against KL",
+            )
+        )
     return out
 
 

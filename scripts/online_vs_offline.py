@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from dpo_lab.plots import finish_figure
+
 COLUMNS = {
     "eval/reward/policy": "true reward π",
     "eval/reward/reference": "true reward π_ref",
@@ -86,15 +88,14 @@ def figure(runs: list[dict], out: Path) -> None:
     ref = [r["eval/reward/reference"] for r in runs]
     ax.axhline(statistics.fmean(ref), color="gray", ls="--", lw=1, label="reference (SFT)")
     ax.set_xscale("symlog")
-    ax.set_xlabel("KL(π‖π_ref), nats (symlog)")
-    ax.set_ylabel("true reward of samples")
-    ax.set_title("Online vs offline DPO on the embedded sentiment task")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    finish_figure(
+        fig,
+        ax,
+        out,
+        xlabel="KL(π‖π_ref), nats (symlog)",
+        ylabel="true reward of samples",
+        title="Online vs offline DPO on the embedded sentiment task",
+    )
 
 
 def main() -> int:
