@@ -3,7 +3,9 @@
 DPO raises the margin between chosen and rejected, but often by lowering both log-probs (the
 chosen one less). The probe shows this directly: mean log-probs of chosen and rejected under the
 policy, their change from the reference, and the share of pairs whose chosen log-prob fell below
-the reference's. Per-example values go to ``probe.csv`` in the run dir (one row per example and
+the reference's; where the task has a ground-truth reward, also how often the implicit reward
+ranks the truly better completion higher (``probe/true_accuracies``, clean of label noise).
+Per-example values go to ``probe.csv`` in the run dir (one row per example and
 probe step), so displacement can be studied per example and per length; ``probe.png`` plots the
 mean trajectories at the end of training.
 """
@@ -44,6 +46,7 @@ class DisplacementProbe(L.Callback):
         example_ids: list[str],
         every_n_steps: int,
         out_dir: str | Path,
+        true_margins: torch.Tensor | None = None,
     ):
         if every_n_steps < 1:
             from dpo_lab.errors import ConfigError
@@ -55,6 +58,8 @@ class DisplacementProbe(L.Callback):
         self.reference: PairedLogps | None = None
         self.last_step = -1
         self.last_metrics: dict[str, float] = {}
+        # r(chosen) − r(rejected) under the task's ground-truth reward, when it has one
+        self.true_margins = true_margins
 
     @torch.no_grad()
     def _score(self, pl_module: Any, model: torch.nn.Module) -> PairedLogps:
@@ -85,6 +90,13 @@ class DisplacementProbe(L.Callback):
             .mean()
             .item(),
         }
+        if self.true_margins is not None:
+            # the same ranking scored against the true reward instead of the (noisy) labels;
+            # pairs whose true rewards tie carry no clean label and are left out
+            known = self.true_margins != 0
+            implicit = (pol.chosen - ref.chosen) - (pol.rejected - ref.rejected)
+            agree = (implicit > 0) == (self.true_margins > 0)
+            metrics["probe/true_accuracies"] = agree[known].float().mean().item()
         self.last_metrics = metrics
         if not trainer.is_global_zero:  # one table and one log per run, not one per process
             return

@@ -23,16 +23,21 @@ def probe_means(csv_path: str | Path) -> dict[str, list[float]]:
 
 
 def finish_figure(
-    fig, ax, path: str | Path, *, xlabel: str, ylabel: str, title: str, legend_size: int = 8
-) -> Path:
-    """Label, legend, grid, save to ``path`` (creating its folder) and close: every figure's end."""
+    fig, ax, path: str | Path | None, *, xlabel: str, ylabel: str, title: str, legend_size: int = 8
+) -> Path | None:
+    """Label, legend, grid, save to ``path`` (creating its folder) and close: every figure's end.
+
+    ``path=None`` finishes one panel of a multi-panel figure without saving it."""
     import matplotlib.pyplot as plt
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=legend_size)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_size)
     ax.grid(alpha=0.3)
+    if path is None:
+        return None
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

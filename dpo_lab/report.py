@@ -9,6 +9,9 @@ Reads every job dir of a Hydra multirun (``.hydra/overrides.yaml``, ``summary.js
   completions over training, so losses and β can be compared for preference displacement;
 - ``frontier.png``: true reward of policy samples against KL(π‖π_ref), one point per job (the
   reward-vs-KL frontier across a β or loss sweep), with the reference's reward marked.
+
+When the jobs logged to W&B and credentials exist, the table and figures are also logged as a
+``report`` run in the sweep's W&B group (``--wandb offline|off`` to choose).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dpo_lab.plots import finish_figure
 METRICS = (
     "val/rewards/accuracies",
     "probe/rewards/accuracies",
+    "probe/true_accuracies",
     "eval/reward/policy",
     "eval/reward/reference",
     "eval/kl",
@@ -187,11 +191,62 @@ def write_figures(jobs: list[Job], sweep: Path) -> list[Path]:
     return out
 
 
+def _wandb_settings(jobs: list[Job]) -> dict[str, Any] | None:
+    """The W&B logger settings the sweep's jobs ran with, if any job logged to W&B."""
+    for j in jobs:
+        cfg_file = j.path / ".hydra" / "config.yaml"
+        if cfg_file.exists():
+            cfg = yaml.safe_load(cfg_file.read_text()) or {}
+            wb = (cfg.get("logger") or {}).get("wandb")
+            if wb:
+                return wb
+    return None
+
+
+def upload(jobs: list[Job], sweep: Path, files: list[Path], mode: str) -> str | None:
+    """Log the report (its table and figures) to W&B as one run of job_type ``report`` in the
+    sweep's group, next to the sweep's runs. ``mode``: auto (online when the jobs logged to W&B
+    and credentials exist, else nothing), online, offline, off. Returns the run's directory."""
+    from dpo_lab.loggers import wandb_credentials
+
+    settings = _wandb_settings(jobs)
+    if mode == "off" or (mode == "auto" and not (settings and wandb_credentials())):
+        return None
+    import wandb
+
+    run = wandb.init(
+        project=(settings or {}).get("project") or "dpo_lab",
+        entity=(settings or {}).get("entity"),
+        group=(settings or {}).get("group") or sweep.name,  # the jobs' group (see train.py)
+        job_type="report",
+        name=f"report-{sweep.name}",
+        dir=str(sweep),
+        mode="offline" if mode == "offline" else "online",
+        settings=wandb.Settings(silent=True),
+    )
+    with open(sweep / "report.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    run.log(
+        {
+            "report/table": wandb.Table(columns=rows[0], data=rows[1:]),
+            **{f"report/{p.stem}": wandb.Image(str(p)) for p in files},
+        }
+    )
+    run.finish()
+    return run.dir
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m dpo_lab.report", description=__doc__.splitlines()[0]
     )
     ap.add_argument("sweep", type=Path, help="a Hydra multirun dir (multirun/<date>/<time>)")
+    ap.add_argument(
+        "--wandb",
+        choices=("auto", "online", "offline", "off"),
+        default="auto",
+        help="log the table and figures to W&B (auto: when the jobs did and credentials exist)",
+    )
     args = ap.parse_args(argv)
     if not args.sweep.is_dir():
         print(f"dpo_lab.report: error: {args.sweep} is not a directory", file=sys.stderr)
@@ -208,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     print(md.read_text())
     for p in (csv_path, *figures):
         print(p)
+    where = upload(jobs, args.sweep, figures, args.wandb)
+    if where:
+        print(f"logged to W&B ({where})")
     return 0
 
 

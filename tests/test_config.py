@@ -17,7 +17,17 @@ from dpo_lab.losses import LOSSES
 from dpo_lab.train import check_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["model", "dataset", "loss", "optim", "trainer", "logger", "algo", "experiment"]
+GROUPS = [
+    "model",
+    "dataset",
+    "loss",
+    "optim",
+    "trainer",
+    "logger",
+    "algo",
+    "experiment",
+    "hparams_search",
+]
 
 
 @pytest.mark.parametrize(
@@ -29,6 +39,21 @@ def test_every_group_option_composes(tmp_path, group, option):
     check_config(cfg)  # loss keys match the function, beta is valid, ...
     if group == "loss":
         assert cfg.loss.name == option
+
+
+@pytest.mark.parametrize(
+    "study, arm",
+    [(p.parent.name, p.stem) for p in sorted((CONF / "arm").glob("*/*.yaml"))],
+)
+def test_every_study_arm_composes(tmp_path, study, arm):
+    """Arms bundle a loss with its settings for one study's sweep (+arm/<study>=<arm>)."""
+    cfg = make_cfg(tmp_path, f"+arm/{study}={arm}", "dataset.label_noise=0.2")
+    _, kwargs = check_config(cfg)
+    if arm in ("cdpo", "robust_dpo"):
+        assert kwargs["label_smoothing"] == 0.2 and kwargs["robust"] == (arm == "robust_dpo")
+    if study == "kto_binary":
+        assert cfg.loss.name == ("dpo" if arm == "dpo_pairs" else "kto")
+        assert cfg.dataset.source.feedback == ("binary" if arm == "kto_binary" else "pairs")
 
 
 def test_every_registered_loss_has_a_yaml():

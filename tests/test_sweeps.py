@@ -41,7 +41,7 @@ def test_a_failing_job_does_not_end_the_sweep_and_the_report_lists_it(tmp_path):
     assert failure["error_type"] == "ConfigError" and "beta must be" in failure["error"]
 
     report = subprocess.run(
-        [sys.executable, "-m", "dpo_lab.report", str(sweep)],
+        [sys.executable, "-m", "dpo_lab.report", str(sweep), "--wandb", "offline"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -54,9 +54,53 @@ def test_a_failing_job_does_not_end_the_sweep_and_the_report_lists_it(tmp_path):
     assert (sweep / "report.csv").read_text().count("\n") == 3
     for fig in ("displacement.png", "frontier.png"):
         assert (sweep / fig).stat().st_size > 10_000
+    # the report as a W&B run (offline here): its table and both figures
+    (run,) = (sweep / "wandb").glob("offline-run-*")
+    media = run / "files" / "media"
+    assert any((media / "table" / "report").glob("table_*.table.json"))
+    assert {p.name.split("_")[0] for p in (media / "images" / "report").glob("*.png")} == {
+        "displacement",
+        "frontier",
+    }
 
 
 def test_report_on_a_dir_without_jobs(tmp_path):
     from dpo_lab.report import main
 
     assert main([str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_optuna_preset_tunes_beta_and_lr(tmp_path):
+    """hparams_search=optuna runs trials through the Optuna sweeper and records the best ones."""
+    import yaml
+
+    sweep = tmp_path / "optuna"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpo_lab.train",
+            "-m",
+            "hparams_search=optuna",
+            *SMALL,
+            "hydra.sweeper.n_trials=2",
+            "trainer.max_steps=2",
+            "eval.num_prompts=4",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {"beta", "optim.optimizer.lr"}
+    assert 0.02 <= results["best_params"]["beta"] <= 2.0
+    assert 1e-4 <= results["best_params"]["optim.optimizer.lr"] <= 3e-3
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    assert len(summaries) == 2
+    assert results["best_value"] == max(s["eval/reward/policy"] for s in summaries)
+    assert {s["beta"] for s in summaries} != {0.1}  # the sampler chose the β, not the default

@@ -181,6 +181,23 @@ def test_wandb_offline(cfg_factory):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     assert "eval/kl" in summary
+    # beyond scalars: the samples table, the probe's per-example trajectories and its figure
+    media = runs[0] / "files" / "media"
+    (samples,) = (media / "table" / "eval").glob("samples_*.table.json")
+    table = json.loads(samples.read_text())
+    assert table["columns"] == [
+        "prompt",
+        "policy",
+        "reference",
+        "policy_reward",
+        "reference_reward",
+    ]
+    assert len(table["data"]) == 4
+    (traj,) = (media / "table" / "probe").glob("trajectories_*.table.json")
+    table = json.loads(traj.read_text())
+    assert table["columns"][:2] == ["step", "example_id"] and "logratio_chosen" in table["columns"]
+    assert len(table["data"]) == 16 * 2  # 16 probe pairs at steps 0 and 2
+    assert any((media / "images" / "probe").glob("plot_*.png"))
 
 
 @pytest.mark.slow

@@ -257,4 +257,4 @@ def prepare(
                 f"{split}: no rows left after filtering (skipped {bad} bad, {same} identical)"
             )
     kind = "unpaired" if fmt == "unpaired" else "paired"
-    return PreferenceData(train, val, data.reward_fn, kind, {**data.stats, **stats})
+    return PreferenceData(train, val, data.reward_fn, kind, {**data.stats, **stats}, data.oracle)

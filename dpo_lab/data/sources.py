@@ -33,6 +33,9 @@ class PreferenceData:
         reward_fn: the task's ground-truth ``reward(prompt, completion)``, or None for real data.
         kind: ``"paired"`` or ``"unpaired"`` (set by ``prepare``).
         stats: counts of what ``prepare`` skipped or changed, logged under ``data/``.
+        oracle: task-specific ground truth beyond the reward, or None. An oracle with a
+            ``callback(tokenizer=, beta=, every_n_steps=, out_dir=)`` method adds that callback to
+            the run (the closed-form task's exact checks against π*).
     """
 
     train: list[dict[str, Any]]
@@ -40,6 +43,7 @@ class PreferenceData:
     reward_fn: Callable[[str, str], float] | None = None
     kind: str = "paired"
     stats: dict[str, int] = field(default_factory=dict)
+    oracle: Any = None
 
 
 def read_file(path: str | Path) -> list[dict[str, Any]]:

@@ -205,7 +205,7 @@ def sample_completions(
     ).texts
 
 
-def _make_pairs(model, tokenizer, rng, n, *, max_new_tokens, bt_temperature, split):
+def _make_pairs(model, tokenizer, rng, n, *, max_new_tokens, bt_temperature, length_bias, split):
     rows, dropped = [], {"identical": 0, "empty": 0}
     while len(rows) < n:
         prompts = [sample_prompt(rng) for _ in range(int((n - len(rows)) * 1.2) + 8)]
@@ -221,7 +221,10 @@ def _make_pairs(model, tokenizer, rng, n, *, max_new_tokens, bt_temperature, spl
                 dropped["identical"] += 1
                 continue
             ra, rb = reward(prompt, ya), reward(prompt, yb)
-            p_a = 1.0 / (1.0 + math.exp(-(ra - rb) / bt_temperature))  # Bradley-Terry
+            logit = (ra - rb) / bt_temperature  # Bradley-Terry on the true reward ...
+            if length_bias:  # ... plus a rater's taste for length that the reward does not share
+                logit += length_bias * (len(ya.split()) - len(yb.split()))
+            p_a = 1.0 / (1.0 + math.exp(-logit))
             a_wins = rng.random() < p_a
             chosen, rejected = (ya, yb) if a_wins else (yb, ya)
             rc, rr = (ra, rb) if a_wins else (rb, ra)
@@ -251,6 +254,7 @@ def build(
     n_val: int = 256,
     max_new_tokens: int = 24,
     bt_temperature: float = 0.25,
+    length_bias: float = 0.0,
     generator: dict[str, Any] | None = None,
     verbose: bool = True,
 ) -> Path:
@@ -260,6 +264,10 @@ def build(
     ``train.jsonl``, ``val.jsonl`` and ``meta.json``. It is keyed by every argument, so a sweep's
     jobs share one build, and written to a temporary directory first and renamed into place, so
     concurrent builders never see a half-written artifact.
+
+    ``length_bias`` > 0 makes the labeller prefer longer completions beyond what the reward
+    warrants: the Bradley-Terry logit gains ``length_bias`` per word of length difference (the
+    ``length_bias`` study). The reward itself is unchanged.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -289,6 +297,8 @@ def build(
         bt_temperature=bt_temperature,
         generator=gen,
     )
+    if length_bias:  # only when set, so the default task keeps its cache key
+        settings["length_bias"] = length_bias
     root = cache_root() / f"sentiment-{cache_key(settings)}"
     if (root / "meta.json").exists():
         return root
@@ -323,7 +333,7 @@ def build(
         lr=gen["sft_lr"],
     )
     t_sft = time.time() - t0
-    kw = dict(max_new_tokens=max_new_tokens, bt_temperature=bt_temperature)
+    kw = dict(max_new_tokens=max_new_tokens, bt_temperature=bt_temperature, length_bias=length_bias)
     train, drop_train = _make_pairs(model, tokenizer, rng, n_train, split="train", **kw)
     val, drop_val = _make_pairs(model, tokenizer, rng, n_val, split="val", **kw)
 
@@ -343,6 +353,11 @@ def build(
             "dropped_pairs": {"train": drop_train, "val": drop_val},
             "label_agrees_with_reward": {
                 name: sum(r["reward_chosen"] > r["reward_rejected"] for r in rows) / len(rows)
+                for name, rows in (("train", train), ("val", val))
+            },
+            "chosen_longer": {
+                name: sum(len(r["chosen"].split()) > len(r["rejected"].split()) for r in rows)
+                / len(rows)
                 for name, rows in (("train", train), ("val", val))
             },
             "build_seconds": {"sft": round(t_sft, 2), "total": round(time.time() - t0, 2)},
@@ -367,9 +382,43 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f]
 
 
-def load(**settings: Any) -> PreferenceData:
-    """The task's preference pairs (building the task on first use) and its true reward."""
+def binary_feedback(rows: list[dict[str, Any]], *, temperature: float, seed: int) -> list[dict]:
+    """Thumbs-up/down rows from pairs: each completion of each pair becomes its own row, rated
+    desirable with probability σ(r / T) on its true reward r (a rater judging one response at a
+    time, as noisy as the pairwise labeller at the same T). Same prompts and completions as the
+    pairs, so KTO on these and DPO on the pairs see the same text."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            r = row[f"reward_{side}"]
+            out.append(
+                {
+                    "id": f"{row['id']}-{side}",
+                    "prompt": row["prompt"],
+                    "completion": row[side],
+                    "label": rng.random() < 1.0 / (1.0 + math.exp(-r / temperature)),
+                    "reward": r,
+                }
+            )
+    return out
+
+
+def load(*, feedback: str = "pairs", **settings: Any) -> PreferenceData:
+    """The task's data (building the task on first use) and its true reward.
+
+    ``feedback="pairs"``: the Bradley-Terry-labelled pairs. ``feedback="binary"``: the same
+    completions as unpaired thumbs-up/down rows (``binary_feedback``), for KTO.
+    """
+    if feedback not in ("pairs", "binary"):
+        from dpo_lab.errors import ConfigError
+
+        raise ConfigError(f"dataset.source.feedback={feedback!r}: expected pairs or binary")
     root = build(**settings)
-    return PreferenceData(
-        _read_jsonl(root / "train.jsonl"), _read_jsonl(root / "val.jsonl"), reward_fn=reward
-    )
+    train, val = _read_jsonl(root / "train.jsonl"), _read_jsonl(root / "val.jsonl")
+    if feedback == "binary":
+        t = settings.get("bt_temperature", 0.25)
+        seed = settings.get("seed", 1234)
+        train = binary_feedback(train, temperature=t, seed=seed)
+        val = binary_feedback(val, temperature=t, seed=seed + 1)
+    return PreferenceData(train, val, reward_fn=reward)

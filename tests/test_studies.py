@@ -1,0 +1,234 @@
+"""The studies' machinery: the closed-form task's exact checks, binary feedback, the length-biased
+labeller, the clean-label probe accuracy, and the study figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_cfg
+
+from dpo_lab.tasks import sentiment
+from dpo_lab.tasks.closed_form import closed_form_metrics
+from dpo_lab.train import train
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+TASK = dict(
+    n_sft=300,
+    n_train=24,
+    n_val=8,
+    max_new_tokens=8,
+    generator=dict(hidden_size=16, intermediate_size=32, sft_steps=20, num_heads=2),
+    verbose=False,
+)
+
+
+def test_closed_form_metrics_by_hand():
+    # one prompt, two responses, π_ref = (1/2, 1/2), r = (1, 0), β = 1:
+    # π* = (e, 1) / (e + 1), so KL(π_ref ‖ π*) = ½·log(½(e+1)/e) + ½·log(½(e+1))
+    ref = torch.log(torch.tensor([[0.5, 0.5]]))
+    r = torch.tensor([[1.0, 0.0]])
+    e = math.e
+    expected = 0.5 * math.log(0.5 * (e + 1) / e) + 0.5 * math.log(0.5 * (e + 1))
+    m = closed_form_metrics(ref, ref, r, beta=1.0)
+    assert m["closed_form/kl_to_optimal"] == pytest.approx(expected, abs=1e-12)
+    assert m["closed_form/kl_to_reference"] == pytest.approx(0.0, abs=1e-12)
+    # the DPO optimum, shifted by a per-prompt constant and with mass outside the set: exact
+    ref = torch.log(torch.tensor([[0.2, 0.3, 0.1], [0.05, 0.5, 0.25]]))
+    r = torch.tensor([[1.0, -0.5, 2.0], [0.0, 0.3, -1.0]])
+    beta = 0.5
+    optimum = ref + r / beta + torch.tensor([[-1.3], [0.7]])
+    m = closed_form_metrics(optimum, ref, r, beta=beta)
+    assert m["closed_form/kl_to_optimal"] == pytest.approx(0.0, abs=1e-6)
+    assert m["closed_form/reward_corr"] == pytest.approx(1.0, abs=1e-6)
+    assert m["closed_form/reward_slope"] == pytest.approx(1.0, abs=1e-6)
+    # half the log-ratio: the implicit reward is r/2, still perfectly correlated, slope 1/2
+    m = closed_form_metrics(ref + r / (2 * beta), ref, r, beta=beta)
+    assert m["closed_form/reward_slope"] == pytest.approx(0.5, abs=1e-6)
+    assert m["closed_form/reward_corr"] == pytest.approx(1.0, abs=1e-6)
+    assert m["closed_form/kl_to_optimal"] > 0.01
+
+
+@pytest.mark.slow
+def test_closed_form_task_trains_and_logs_its_exact_checks(tmp_path):
+    cfg = make_cfg(
+        tmp_path / "cf",
+        "dataset=closed_form",
+        *(f"dataset.source.{k}={v}" for k, v in _small_source().items()),
+        "dataset.source.closed_form.n_prompts=3",
+        "dataset.source.closed_form.n_responses=3",
+        "dataset.source.closed_form.repeats=2",
+        "trainer.max_steps=3",
+        "trainer.max_epochs=5",  # 3 prompts × 3 pairs × 2 labels = 18 pairs: 2 steps an epoch
+        "probe.every_n_steps=1",
+        "eval.num_prompts=4",
+        "beta=1.0",
+        "optim.scheduler=null",
+        "model.lr=1e-2",
+    )
+    summary = train(cfg)
+    out = Path(cfg.output_dir)
+    with open(out / "closed_form.csv", newline="") as f:
+        curve = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in curve] == [0, 1, 2, 3]
+    assert float(curve[0]["kl_to_reference"]) == pytest.approx(0.0, abs=1e-9)  # starts at π_ref
+    assert float(curve[-1]["kl_to_reference"]) > 0  # it moved
+    with open(out / "closed_form_final.csv", newline="") as f:
+        final = list(csv.DictReader(f))
+    assert len(final) == 9  # 3 prompts × 3 responses
+    for prompt in {r["prompt"] for r in final}:  # π, π* and π_ref are distributions per prompt
+        for col in ("pi", "pi_star", "pi_ref"):
+            assert sum(float(r[col]) for r in final if r["prompt"] == prompt) == pytest.approx(
+                1.0, abs=1e-5
+            )
+    metrics = (out / "metrics.csv").read_text().splitlines()[0]
+    assert "closed_form/kl_to_optimal" in metrics and "closed_form/reward_corr" in metrics
+    samples = (out / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 4 and "eval/reward/policy" in summary
+
+
+def _small_source() -> dict:
+    from conftest import SMALL
+
+    return {
+        o.split("=")[0].removeprefix("dataset.source."): o.split("=")[1]
+        for o in SMALL
+        if o.startswith("dataset.source.")
+    }
+
+
+def test_binary_feedback_rates_each_completion_alone():
+    rows = [
+        {
+            "id": "p1",
+            "prompt": "x was",
+            "chosen": "great .",
+            "rejected": "dull .",
+            "reward_chosen": 0.5,
+            "reward_rejected": -0.5,
+        },
+        {
+            "id": "p2",
+            "prompt": "y was",
+            "chosen": "fine .",
+            "rejected": "awful .",
+            "reward_chosen": -0.2,
+            "reward_rejected": -0.6,
+        },
+    ]
+    out = sentiment.binary_feedback(rows, temperature=1e-3, seed=0)  # T → 0: the reward's sign
+    assert [(r["id"], r["completion"], r["label"]) for r in out] == [
+        ("p1-chosen", "great .", True),
+        ("p1-rejected", "dull .", False),
+        ("p2-chosen", "fine .", False),  # chosen in its pair, but a bad review on its own
+        ("p2-rejected", "awful .", False),
+    ]
+    warm = sentiment.binary_feedback(rows * 500, temperature=0.25, seed=0)
+    ups = [r["label"] for r in warm if r["reward"] == 0.5]
+    assert abs(sum(ups) / len(ups) - 1 / (1 + math.exp(-2))) < 0.05  # P(up) = σ(r/T)
+
+
+def test_length_bias_makes_the_labeller_prefer_longer_completions():
+    plain = json.loads((sentiment.build(**TASK) / "meta.json").read_text())
+    biased = json.loads((sentiment.build(**TASK, length_bias=3.0) / "meta.json").read_text())
+    assert "length_bias" not in plain["settings"]  # the default keeps its cache key
+    assert biased["chosen_longer"]["train"] > plain["chosen_longer"]["train"] + 0.2
+
+
+@pytest.mark.slow
+def test_probe_true_accuracy_scores_against_the_true_reward(tmp_path):
+    cfg = make_cfg(tmp_path / "run", "trainer.max_steps=2", "eval.num_prompts=0")
+    summary = train(cfg)
+    out = Path(cfg.output_dir)
+    from dpo_lab.tasks.sentiment import load
+
+    source = {k: v for k, v in _small_source().items()}
+    source["generator"] = {}
+    with open(out / "probe.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) == summary["steps"]]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    src = {k: v for k, v in config["dataset"]["source"].items() if k != "_target_"}
+    val = {r["id"]: r for r in load(**src).val}
+    agree = known = 0
+    for r in rows:
+        v = val[r["example_id"]]
+        true = v["reward_chosen"] - v["reward_rejected"]
+        if true == 0:
+            continue
+        implicit = (float(r["policy_chosen_logps"]) - float(r["reference_chosen_logps"])) - (
+            float(r["policy_rejected_logps"]) - float(r["reference_rejected_logps"])
+        )
+        known += 1
+        agree += (implicit > 0) == (true > 0)
+    assert summary["probe/true_accuracies"] == pytest.approx(agree / known, abs=1e-6)
+
+
+def _fake_job(root: Path, n: int, overrides: list[str], summary: dict) -> Path:
+    d = root / f"{n}_job"
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+@pytest.mark.parametrize("study", ["label_noise", "length_bias", "kto_binary", "closed_form"])
+def test_study_figures_build_from_run_dirs(tmp_path, study):
+    base = {
+        "eval/reward/policy": 0.5,
+        "eval/reward/reference": 0.0,
+        "eval/kl": 2.0,
+        "eval/length/policy": 12.0,
+        "eval/length/reference": 9.0,
+        "probe/true_accuracies": 0.8,
+        "probe/rewards/accuracies": 0.7,
+        "wall_time_s": 10.0,
+        "beta": 0.5,
+    }
+    grids = {
+        "label_noise": [
+            [f"+arm/label_noise={a}", f"dataset.label_noise={n}"]
+            for a in ("dpo", "cdpo")
+            for n in ("0.0", "0.2")
+        ],
+        "length_bias": [
+            [f"loss={loss}", f"dataset.source.length_bias={b}", f"seed={s}"]
+            for loss in ("dpo", "simpo")
+            for b in ("0.0", "1.0")
+            for s in (0, 1)
+        ],
+        "kto_binary": [
+            [f"+arm/kto_binary={a}", f"seed={s}"]
+            for a in ("dpo_pairs", "kto_binary")
+            for s in (0, 1)
+        ],
+        "closed_form": [[f"beta={b}"] for b in ("0.5", "1.0")],
+    }
+    for n, overrides in enumerate(grids[study]):
+        d = _fake_job(tmp_path, n, overrides, {**base, "eval/kl": 1.0 + n})
+        if study == "closed_form":
+            (d / "closed_form.csv").write_text(
+                "step,kl_to_optimal,kl_to_reference,reward_corr,reward_slope\n"
+                "0,0.5,0,nan,0\n10,0.05,0.3,0.9,0.95\n"
+            )
+            (d / "closed_form_final.csv").write_text(
+                "prompt,response,reward,implicit_reward,pi,pi_star,pi_ref\n"
+                "a,x,1.0,0.9,0.6,0.6,0.5\na,y,-1.0,-0.8,0.4,0.4,0.5\n"
+            )
+    out = tmp_path / f"{study}.png"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "studies.py"), study, str(tmp_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.stat().st_size > 10_000
+    table = proc.stdout.splitlines()
+    assert table[0].startswith("| ") and len([x for x in table if x.startswith("| ")]) >= 3
