@@ -22,7 +22,16 @@ LEAN_MODEL_TYPES = frozenset(
 
 
 def _lean_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(decoder, lm_head) when the lean path is exact for this model, else None."""
+    """(decoder, lm_head) when the lean path is exact for this model, else None.
+
+    A model may supply its own (``lean_parts()``: the LoRA reference runs the base decoder with
+    the adapters off); a peft model is unwrapped to its base, whose layers carry the adapters.
+    """
+    custom = getattr(model, "lean_parts", None)
+    if callable(custom):
+        return custom()
+    if hasattr(model, "disable_adapter") and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in LEAN_MODEL_TYPES:
         return None

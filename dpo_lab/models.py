@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,10 @@ import torch
 from dpo_lab.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BUILTIN_SOURCES = {"sentiment": "dpo_lab.tasks.sentiment.load"}
+# builtin:<task> → the dataset sources built on that task's SFT base
+BUILTIN_SOURCES = {
+    "sentiment": ("dpo_lab.tasks.sentiment.load", "dpo_lab.tasks.closed_form.load"),
+}
 
 
 def resolve_name_or_path(name_or_path: str, source_cfg: dict[str, Any]) -> str:
@@ -28,14 +33,16 @@ def resolve_name_or_path(name_or_path: str, source_cfg: dict[str, Any]) -> str:
             + ", ".join(f"builtin:{t}" for t in BUILTIN_SOURCES)
         )
     target = source_cfg.get("_target_")
-    if target != BUILTIN_SOURCES[task]:
+    if target not in BUILTIN_SOURCES[task]:
         raise ConfigError(
             f"model.name_or_path={name_or_path!r} is the SFT base of the embedded {task} task and "
-            f"needs dataset={task}; this config's dataset.source._target_ is {target!r}"
+            f"needs a dataset built on it (source {' or '.join(BUILTIN_SOURCES[task])}); "
+            f"this config's dataset.source._target_ is {target!r}"
         )
     from dpo_lab.tasks import sentiment
 
-    kwargs = {k: v for k, v in source_cfg.items() if k != "_target_"}
+    build_keys = set(inspect.signature(sentiment.build).parameters) - {"verbose"}
+    kwargs = {k: v for k, v in source_cfg.items() if k in build_keys}
     return str(sentiment.build(**kwargs) / "model")
 
 
@@ -82,3 +89,100 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model
+
+
+def build_models(
+    model_cfg: dict[str, Any],
+    reference_cfg: dict[str, Any],
+    path: str,
+    source_cfg: dict[str, Any],
+    *,
+    needs_reference: bool,
+) -> tuple[Any, Any, Any]:
+    """(tokenizer, policy, reference) from ``model.*`` and ``reference.*``.
+
+    The reference is, in order: the model named by ``reference.name_or_path`` (its own dtype
+    ``reference.dtype``; it must share the policy's vocabulary); under LoRA, the policy's own base
+    with the adapters off (``PeftReference``: one copy of the weights); else a frozen copy of the
+    policy's starting weights, cast to ``reference.dtype`` if that is set. None when the loss
+    uses no reference.
+    """
+    from dpo_lab import lora as lora_mod
+
+    lora = model_cfg.get("lora") or {}
+    kw = dict(
+        attn_implementation=model_cfg["attn_implementation"],
+        trust_remote_code=model_cfg["trust_remote_code"],
+    )
+    tokenizer, policy = load_model(path, dtype=model_cfg["dtype"], **kw)
+    ref_name, ref_dtype = reference_cfg.get("name_or_path"), reference_cfg.get("dtype")
+    if ref_dtype is not None and ref_dtype not in DTYPES:
+        raise ConfigError(f"reference.dtype={ref_dtype!r}: expected one of {', '.join(DTYPES)}")
+    if not needs_reference and (ref_name or ref_dtype):
+        raise ConfigError(
+            "reference.name_or_path / reference.dtype are set, but this loss uses no reference"
+        )
+    if lora.get("adapter") and not lora.get("enabled"):
+        raise ConfigError("model.lora.adapter is set but model.lora.enabled=false")
+    reference = None
+    if needs_reference and ref_name:
+        ref_path = resolve_name_or_path(ref_name, source_cfg)
+        ref_tokenizer, reference = load_model(ref_path, dtype=ref_dtype or model_cfg["dtype"], **kw)
+        if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(
+                f"reference.name_or_path={ref_name!r} has a different vocabulary from the policy "
+                f"({model_cfg['name_or_path']!r}); log-probs of the same tokens need the same one"
+            )
+    elif needs_reference and not lora.get("enabled"):
+        reference = copy.deepcopy(policy)
+        if ref_dtype is not None and ref_dtype != model_cfg["dtype"]:
+            reference.to(DTYPES[ref_dtype])
+    elif needs_reference and ref_dtype is not None and ref_dtype != model_cfg["dtype"]:
+        raise ConfigError(
+            f"reference.dtype={ref_dtype!r} with model.lora.enabled: the reference is the policy's "
+            f"own base weights ({model_cfg['dtype']}); name a separate reference.name_or_path "
+            "to give it another dtype"
+        )
+    if lora.get("enabled"):
+        own_reference = needs_reference and reference is None
+        policy = lora_mod.wrap(policy, lora, reference=own_reference)
+        if own_reference:
+            reference = lora_mod.PeftReference(policy)
+    if model_cfg.get("gradient_checkpointing"):  # the policy only: the reference keeps none
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return tokenizer, policy, reference
+
+
+def save_final(policy: Any, tokenizer: Any, out: Path, *, merge: bool = False) -> None:
+    """``out``: the trained model (save_pretrained), or under LoRA the trained adapter, plus
+    ``out/merged`` (the adapter folded into the base) when ``merge``."""
+    from dpo_lab import lora as lora_mod
+
+    if lora_mod.is_peft(policy):
+        policy.save_pretrained(out, selected_adapters=[lora_mod.TRAINED])
+        tokenizer.save_pretrained(out)
+        if merge:
+            merged = copy.deepcopy(policy)
+            for name in [n for n in merged.peft_config if n != lora_mod.TRAINED]:
+                merged.delete_adapter(name)
+            merged = merged.merge_and_unload()
+            merged.save_pretrained(out / "merged")
+            tokenizer.save_pretrained(out / "merged")
+        return
+    policy.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _is_decoder_layer(module: torch.nn.Module) -> bool:
+    name = type(module).__name__
+    return name.endswith("DecoderLayer") or name in ("GPTNeoXLayer", "GPT2Block", "PhiLayer")
+
+
+def decoder_layer_policy() -> Any:
+    """FSDP auto-wrap policy: one unit per transformer layer, whatever the architecture (Llama,
+    Qwen2, Mistral, ... ``*DecoderLayer``; GPT-NeoX; GPT-2)."""
+    import functools
+
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    return functools.partial(lambda_auto_wrap_policy, lambda_fn=_is_decoder_layer)

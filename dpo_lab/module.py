@@ -176,15 +176,19 @@ class PreferenceModule(L.LightningModule):
                 metrics["ref_logps/rejected"] = (reference.rejected.mean(), B)
         else:  # unpaired: "chosen" = desirable examples, "rejected" = undesirable ones
             for name, sel in (("chosen", policy.desirable), ("rejected", ~policy.desirable)):
-                n = int(sel.sum())
-                if n == 0:
-                    continue
-                metrics[f"rewards/{name}"] = (out.chosen_rewards[sel].mean(), n)
-                metrics[f"logps/{name}"] = (policy.completion.detach()[sel].mean(), n)
+                n = int(sel.sum())  # may be 0: kept, so every process logs the same keys
+                zero = policy.completion.new_zeros(())
+                metrics[f"rewards/{name}"] = (out.chosen_rewards[sel].mean() if n else zero, n)
+                metrics[f"logps/{name}"] = (
+                    policy.completion.detach()[sel].mean() if n else zero,
+                    n,
+                )
                 if reference is not None:
-                    metrics[f"ref_logps/{name}"] = (reference.completion[sel].mean(), n)
-        for k, (v, n) in metrics.items():
-            self.log(f"{split}/{k}", v, batch_size=n, on_step=train, on_epoch=not train)
+                    metrics[f"ref_logps/{name}"] = (
+                        reference.completion[sel].mean() if n else zero,
+                        n,
+                    )
+        self._log_metrics(metrics, split)
         # the progress bar: short names, kept out of the logs
         bar = {"loss": "loss", "acc": "rewards/accuracies"}
         for short, k in bar.items():
@@ -192,6 +196,44 @@ class PreferenceModule(L.LightningModule):
                 v, n = metrics[k]
                 self.log(short, v, prog_bar=True, logger=False, batch_size=n, on_epoch=not train)
         return loss
+
+    def _log_metrics(self, metrics: dict[str, tuple[Tensor, int]], split: str) -> None:
+        """Log per-example means. Across processes, a training step's metrics are reduced here
+        as (Σ value·n, Σ n) over every rank, so uneven per-rank batches are weighted by their
+        examples, not averaged as rank means; epoch metrics (validation) use Lightning's
+        sync_dist, which sums value·n and n over ranks the same way."""
+        train = split == "train"
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if train and world > 1:
+            keys = sorted(metrics)
+            packed = torch.stack(
+                [
+                    torch.stack(
+                        [
+                            metrics[k][0].detach().float() * metrics[k][1],
+                            torch.tensor(float(metrics[k][1]), device=self.device),
+                        ]
+                    )
+                    for k in keys
+                ]
+            )
+            packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
+            metrics = {
+                k: (packed[i, 0] / packed[i, 1], int(packed[i, 1]))
+                for i, k in enumerate(keys)
+                if packed[i, 1] > 0
+            }
+        for k, (v, n) in metrics.items():
+            if n == 0 and world == 1:
+                continue  # e.g. no undesirable example in this batch
+            self.log(
+                f"{split}/{k}",
+                v,
+                batch_size=n,
+                on_step=train,
+                on_epoch=not train,
+                sync_dist=world > 1 and not train,
+            )
 
     def _online_batch(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         """Replace the batch's fixed pairs by pairs sampled from the policy and judged."""

@@ -40,7 +40,8 @@ SPLITS = ("train", "val")
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A hash of every parameter and buffer (names, dtypes, shapes, bytes)."""
     h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(model.state_dict().items()):
+    state = getattr(model, "fingerprint_state", model.state_dict)()  # LoRA: see PeftReference
+    for name, t in sorted(state.items()):
         t = t.detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

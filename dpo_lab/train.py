@@ -6,7 +6,6 @@ thin Hydra wrapper that turns user mistakes into one-line errors and returns the
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import logging
@@ -19,8 +18,10 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_lab.callbacks import DisplacementProbe
@@ -30,8 +31,10 @@ from dpo_lab.data.sources import PreferenceData
 from dpo_lab.errors import ConfigError, DpoLabError
 from dpo_lab.evaluation import evaluate
 from dpo_lab.faults import AtomicCheckpointIO, SaveOnInterrupt, resolve_resume
+from dpo_lab.loggers import log_wandb_media
+from dpo_lab.lora import PeftReference, is_peft
 from dpo_lab.losses import LossSpec, bind_loss_kwargs, get_loss
-from dpo_lab.models import load_model, resolve_name_or_path
+from dpo_lab.models import build_models, load_model, resolve_name_or_path, save_final
 from dpo_lab.module import PreferenceModule
 from dpo_lab.online import OnlinePairs, TaskRewardJudge
 from dpo_lab.refcache import PrecomputedReference
@@ -40,9 +43,11 @@ log = logging.getLogger("dpo_lab")
 
 
 def short_name(text: str, limit: int = 120) -> str:
-    """``text`` if short enough for a file name, else its start and a hash of the whole."""
+    """``text`` made a single file name: "/" (from a group path such as ``+arm/x=y``) becomes
+    "-", and a name too long for a file system keeps its start and a hash of the whole."""
     import hashlib
 
+    text = text.replace("/", "-")
     if len(text) <= limit:
         return text
     return f"{text[:limit]}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
@@ -98,12 +103,12 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
 
 
 def read_chat_template(value: str) -> str:
-    """``dataset.chat_template``: a Jinja template, or the path of a file holding one."""
+    """``model.chat_template``: a Jinja template, or the path of a file holding one."""
     if "{" in value:  # Jinja syntax: the template itself (never stat a template as a path)
         return value
     p = Path(value).expanduser()
     if not p.is_file():
-        raise ConfigError(f"dataset.chat_template={value!r}: not a Jinja template and no such file")
+        raise ConfigError(f"model.chat_template={value!r}: not a Jinja template and no such file")
     return p.read_text()
 
 
@@ -126,6 +131,7 @@ def _format_summary(summary: dict[str, Any]) -> str:
     keys = [
         "val/rewards/accuracies",
         "probe/rewards/accuracies",
+        "probe/true_accuracies",
         "val/rewards/margins",
         "val/logps/chosen",
         "val/logps/rejected",
@@ -170,13 +176,17 @@ def build(cfg: DictConfig) -> Run:
     # The model first: a wrong path fails before any data is read or built.
     source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
     path = resolve_name_or_path(cfg.model.name_or_path, source)
-    tokenizer, policy = _load(cfg, path)
-    if cfg.dataset.chat_template:
-        tokenizer.chat_template = read_chat_template(cfg.dataset.chat_template)
-    # The reference is the policy's starting point; a reference-free loss never builds one.
-    reference = copy.deepcopy(policy) if spec.reference else None
-    if cfg.model.gradient_checkpointing:  # the policy only: the reference keeps no activations
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The reference: the policy's starting point unless named; a reference-free loss never
+    # builds one; under LoRA it is the policy's base with the adapters off (no second copy).
+    tokenizer, policy, reference = build_models(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        OmegaConf.to_container(cfg.reference, resolve=True),
+        path,
+        source,
+        needs_reference=spec.reference,
+    )
+    if cfg.model.chat_template:
+        tokenizer.chat_template = read_chat_template(cfg.model.chat_template)
 
     raw = instantiate(cfg.dataset.source)
     if not isinstance(raw, PreferenceData):
@@ -243,10 +253,21 @@ def build(cfg: DictConfig) -> Run:
     probe = None
     if dm.probe_items:
         ids = [it["id"] for it in dm.probe_items]
-        probe = DisplacementProbe(dm.probe_batch(), ids, cfg.probe.every_n_steps, out)
+        probe = DisplacementProbe(
+            dm.probe_batch(), ids, cfg.probe.every_n_steps, out, _true_margins(data, ids)
+        )
         callbacks.append(probe)
     else:
         log.warning("unpaired data has no pairs: the displacement probe is off for this run")
+    if getattr(data.oracle, "callback", None) is not None:  # a task's own exact checks
+        extra = data.oracle.callback(
+            tokenizer=tokenizer,
+            beta=cfg.beta if "beta" in spec.params else None,
+            every_n_steps=cfg.probe.every_n_steps,
+            out_dir=out,
+        )
+        if extra is not None:
+            callbacks.append(extra)
     resuming = ckpt_path is not None
     loggers = [_logger(name, c, out, resuming) for name, c in cfg.logger.items()]
     hparams = flat_config(cfg)
@@ -265,6 +286,23 @@ def build(cfg: DictConfig) -> Run:
     return Run(
         cfg, out, spec, data, path, tokenizer, dm, module, probe, loggers, trainer, ckpt_path
     )
+
+
+def _true_margins(data: PreferenceData, ids: list[str]) -> torch.Tensor | None:
+    """r(chosen) − r(rejected) of the probe pairs under the task's true reward, if it has one."""
+    if data.reward_fn is None:
+        return None
+    rows = {r["id"]: r for r in data.val}
+    margins = []
+    for i in ids:
+        r = rows[i]
+        margins.append(
+            data.reward_fn(r["prompt"], r["chosen"]) - data.reward_fn(r["prompt"], r["rejected"])
+        )
+    known = [m for m in margins if m != 0]
+    if not known:
+        return None
+    return torch.tensor(margins, dtype=torch.float64)
 
 
 def _online(cfg: DictConfig, data: PreferenceData, tokenizer: Any) -> OnlinePairs:
@@ -343,11 +381,17 @@ def _load(cfg: DictConfig, path: str) -> tuple[Any, Any]:
 def finish(run: Run, t0: float) -> dict[str, Any]:
     """After fit: evaluate, save ``final/`` and ``summary.json``, close the loggers."""
     cfg, module, trainer, out = run.cfg, run.module, run.trainer, run.out
+    if not trainer.is_global_zero:  # other processes of a multi-process run: rank 0 reports
+        return {}
     summary: dict[str, Any] = {
         "loss": run.spec.name,
         "beta": cfg.beta,
         "seed": cfg.seed,
         "steps": trainer.global_step,
+        # pairs (or unpaired examples) per optimizer step, over every device and micro-batch
+        "global_batch_size": cfg.dataset.batch_size
+        * trainer.accumulate_grad_batches
+        * trainer.world_size,
     }
     summary.update(
         {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -357,9 +401,12 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
     if module.online is not None:
         summary["online/pairs_total"] = module.online_pairs_total
 
+    rows: list[dict[str, Any]] | None = None
     if cfg.eval.num_prompts > 0:
         eval_reference = module.reference
-        if eval_reference is None:  # reference-free loss: load the starting point for eval only
+        if eval_reference is None and is_peft(module.policy):  # LoRA: the base, adapters off
+            eval_reference = PeftReference(module.policy)
+        elif eval_reference is None:  # reference-free loss: load the starting point for eval
             eval_reference = _load(cfg, run.model_path)[1]
         eval_reference.to(module.device)
         prompts = [r["prompt"] for r in run.data.val[: cfg.eval.num_prompts]]
@@ -381,12 +428,12 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
         for lg in run.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
-    final = out / "final"
-    module.policy.save_pretrained(final)
-    run.tokenizer.save_pretrained(final)
+    save_final(module.policy, run.tokenizer, out / "final", merge=cfg.model.lora.merge_on_save)
     summary["wall_time_s"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for lg in run.loggers:
+        if isinstance(lg, WandbLogger):  # tables and figures, beyond the scalars
+            log_wandb_media(lg, out, trainer.global_step, rows)
         lg.save()
         experiment = getattr(lg, "experiment", None)
         if hasattr(experiment, "summary"):  # W&B: final numbers in the run summary
@@ -405,7 +452,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if run.trainer.checkpoint_callback is not None:  # the final state, whatever N divides
         run.trainer.save_checkpoint(run.out / "checkpoints" / "last.ckpt")
     summary = finish(run, t0)
-    print(_format_summary(summary), flush=True)
+    if summary:
+        print(_format_summary(summary), flush=True)
     return summary
 
 

@@ -190,7 +190,7 @@ def test_conversational_without_a_chat_template_is_a_clear_error(bpe):
 
     plain = copy.deepcopy(bpe)
     plain.chat_template = None
-    with pytest.raises(DataError, match="need a chat template.*dataset.chat_template"):
+    with pytest.raises(DataError, match="need a chat template.*model.chat_template"):
         render(plain, [{"role": "user", "content": "hi"}], [])
 
 

@@ -30,7 +30,7 @@ def render(tokenizer: Any, prompt: Any, completion: Any = None) -> tuple[str, st
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
             "conversational rows need a chat template, and this tokenizer has none; set "
-            "dataset.chat_template to a Jinja template (or a file holding one)"
+            "model.chat_template to a Jinja template (or a file holding one)"
         )
     p = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if completion is None:

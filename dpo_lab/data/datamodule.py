@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from dpo_lab.cache import cache_root
 from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_rows
@@ -179,23 +179,34 @@ def item_length(it: dict[str, Any]) -> int:
     return len(it["prompt_ids"]) + max(len(c) for c in comps)
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(DistributedSampler):
     """A seeded order per epoch that can start part-way, so a run can resume mid-epoch exactly.
 
     Epoch e's order is the one a ``DataLoader(shuffle=True, generator=Generator().manual_seed(
     seed))`` gives in its e-th pass (the same draws are replayed), so results match a plain
     shuffled DataLoader's exactly. Lightning calls ``set_epoch`` at each epoch start. ``skip`` drops
     the first k indices of the next pass only (set by ``ResumableDataLoader.load_state_dict``).
+
+    Across ``num_replicas`` processes, rank r takes every W-th index of the epoch's order from r
+    (the order cut to a multiple of W, so every rank has as many batches), so W processes with
+    batch b see, step by step, exactly the examples one process with batch W·b sees. It is a
+    ``DistributedSampler`` so that Lightning leaves it in place rather than wrapping it (its
+    wrapper would not pass ``set_epoch`` on); ``skip`` then counts this rank's indices.
     """
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        # not DistributedSampler.__init__: it needs a process group and a dataset; this class
+        # only shares its type and interface
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+        self.num_replicas, self.rank = num_replicas, rank
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.num_replicas
 
     def order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed)
@@ -213,16 +224,44 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order, skip = self.order(), self.skip
+        if self.num_replicas > 1:
+            W = self.num_replicas
+            order = order[: len(order) // W * W][self.rank :: W]
         self.skip = 0
         yield from order[skip:]
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation across processes: rank r takes indices r, r+W, ... in order, each example once
+    (no padding with repeats, so sync_dist means over every rank are exact per-example means)."""
+
+    def __init__(self, n: int, num_replicas: int, rank: int):
+        self.n, self.num_replicas, self.rank = n, num_replicas, rank
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.num_replicas))
 
 
 class LengthGroupedSampler(EpochSampler):
     """Shuffled, then sorted by length within mega-batches of ``mega`` batches, so each batch
     holds similar lengths (less padding) while the order stays random across mega-batches."""
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int = 50):
-        super().__init__(len(lengths), seed)
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int,
+        mega: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        super().__init__(len(lengths), seed, num_replicas, rank)
         self.lengths, self.batch_size, self.mega = lengths, batch_size, mega
 
     def order(self) -> list[int]:
@@ -324,12 +363,16 @@ class PreferenceDataModule(L.LightningDataModule):
         return self.data.reward_fn
 
     def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         if self.group_by_length:
             lengths = [item_length(it) for it in self.train_items]
-            sampler: EpochSampler = LengthGroupedSampler(lengths, self.batch_size, self.seed)
+            # each process's batch is one slice of a global batch of world × batch_size
+            sampler: EpochSampler = LengthGroupedSampler(
+                lengths, self.batch_size * world, self.seed, num_replicas=world, rank=rank
+            )
         else:
-            sampler = EpochSampler(len(self.train_items), self.seed)
-        trainer = getattr(self, "trainer", None)
+            sampler = EpochSampler(len(self.train_items), self.seed, world, rank)
         return ResumableDataLoader(
             self.train_items,
             sampler=sampler,
@@ -343,8 +386,14 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer else 1
+        sampler = (
+            ShardSampler(len(self.val_items), world, trainer.global_rank) if world > 1 else None
+        )
         return DataLoader(
             self.val_items,
+            sampler=sampler,
             batch_size=self.eval_batch_size,
             collate_fn=self.loader_collate,
             num_workers=self.num_workers,
