@@ -31,7 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("live", "precomputed", "simpo")
+MODES = ("live", "precomputed", "simpo", "lora")
+DEFAULT_MODES = ("live", "precomputed", "simpo")
+# LoRA settings of the "lora" mode, the same for both tools (reference = base, adapters off)
+LORA = dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
 
 
 def make_assets(args: argparse.Namespace, root: Path) -> None:
@@ -134,6 +137,8 @@ def child_dpo_lab(args: argparse.Namespace, mode: str, root: Path) -> list[float
         "logger=csv",
         "optim.scheduler=null",
     ]
+    if mode == "lora":
+        overrides += ["model.lora.enabled=true"] + [f"model.lora.{k}={v}" for k, v in LORA.items()]
     if args.device == "cuda":
         overrides += ["trainer=gpu"] + (
             ["trainer.precision=bf16-mixed"]
@@ -193,8 +198,24 @@ def child_trl(args: argparse.Namespace, mode: str, root: Path) -> list[float]:
 
         config = DPOConfig(beta=0.1, precompute_ref_log_probs=mode == "precomputed", **common)
         trainer_cls = DPOTrainer
+    extra = {}
+    if mode == "lora":  # TRL's reference is then the base with the adapter disabled, like ours
+        from peft import LoraConfig
+
+        extra["peft_config"] = LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["target_modules"],
+            task_type="CAUSAL_LM",
+        )
     trainer = trainer_cls(
-        model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[StepTimer()]
+        model=model,
+        args=config,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[StepTimer()],
+        **extra,
     )
     trainer.train()
     return timer.times
@@ -249,7 +270,9 @@ def main() -> None:
         action="store_true",
         help="dpo_lab: keep the LM head's logits for backward (logps.recompute=false)",
     )
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument(
+        "--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of {', '.join(MODES)}"
+    )
     ap.add_argument("--tools", default="dpo_lab,trl")
     ap.add_argument("--child", choices=("dpo_lab", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)

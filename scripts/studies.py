@@ -178,6 +178,55 @@ def kto_binary(jobs: list[Job], out: Path) -> str:
     return _table(["arm", *(c for _, c in COLUMNS)], rows)
 
 
+def bt_mle_floor(job: Job, beta: float) -> float | None:
+    """KL(π̂‖π*) of the policy the training labels themselves identify: per prompt, the
+    Bradley-Terry maximum-likelihood scores ŝ of its labelled pairs, π̂ ∝ π_ref·exp(ŝ/β). DPO run
+    to convergence on these labels lands there, so this is the floor its finite data sets (π_ref
+    read from closed_form_final.csv, 6 decimals). None when the job's task cannot be rebuilt."""
+    import torch
+    import yaml
+
+    from dpo_lab.tasks.closed_form import load
+
+    cfg_file = job.path / "config.yaml"
+    if not cfg_file.exists():
+        return None
+    source = yaml.safe_load(cfg_file.read_text())["dataset"]["source"]
+    data = load(**{k: v for k, v in source.items() if k != "_target_"})
+    o = data.oracle
+    where = {(p, y): (i, j) for i, p in enumerate(o.prompts) for j, y in enumerate(o.responses[i])}
+    P, K = o.rewards.shape
+    ref = torch.full((P, K), 1e-9, dtype=torch.float64)
+    with open(job.path / "closed_form_final.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            i, j = where[(r["prompt"], r["response"])]
+            ref[i, j] = max(float(r["pi_ref"]), 1e-9)
+    ref = ref.log()
+    pairs: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for r in data.train:
+        i, w = where[(r["prompt"], r["chosen"])]
+        pairs[i].append((w, where[(r["prompt"], r["rejected"])][1]))
+    kls = []
+    for i in range(P):
+        score = torch.zeros(K, dtype=torch.float64, requires_grad=True)
+        win = torch.tensor([w for w, _ in pairs[i]])
+        lose = torch.tensor([lo for _, lo in pairs[i]])
+        opt = torch.optim.LBFGS([score], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+        def closure(score=score, win=win, lose=lose, opt=opt):
+            opt.zero_grad()
+            nll = -torch.nn.functional.logsigmoid(score[win] - score[lose]).sum()
+            loss = nll + 1e-6 * (score**2).sum()  # a whisker of ridge: scores are up to a shift
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        star = (ref[i] + o.rewards[i] / beta).log_softmax(-1)
+        mle = (ref[i] + score.detach() / beta).log_softmax(-1)
+        kls.append((mle.exp() * (mle - star)).sum().item())
+    return statistics.fmean(kls)
+
+
 def closed_form(jobs: list[Job], out: Path) -> str:
     plt, fig, (ax1, ax2) = _figure(2)
     rows = []
@@ -200,12 +249,14 @@ def closed_form(jobs: list[Job], out: Path) -> str:
             ys += [i - mi for _, i in pairs]
         ax2.scatter(xs, ys, s=8, alpha=0.6, label=f"β={beta}")
         first, last = curve[0], curve[-1]
+        floor = bt_mle_floor(j, float(beta))
         rows.append(
             [
                 beta,
                 str(steps[-1]),
                 f"{float(first['kl_to_optimal']):.3f}",
                 f"{float(last['kl_to_optimal']):.3f}",
+                "—" if floor is None else f"{floor:.3f}",
                 f"{float(last['kl_to_reference']):.3f}",
                 f"{float(last['reward_corr']):.3f}",
                 f"{float(last['reward_slope']):.3f}",
@@ -237,6 +288,7 @@ def closed_form(jobs: list[Job], out: Path) -> str:
             "steps",
             "KL to π* at start",
             "KL to π* at end",
+            "BT-MLE floor",
             "KL to π_ref",
             "corr",
             "slope",

@@ -237,3 +237,19 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, worst
     assert finish(big, 0.0)["global_batch_size"] == finish(acc, 0.0)["global_batch_size"] == 16
+
+
+@pytest.mark.slow
+def test_lora_with_precomputed_reference_matches_live(tmp_path):
+    """The adapter-disabled reference can be scored once and freed, as a full copy can."""
+    common = [*LORA, "trainer.max_steps=2", "eval.num_prompts=0", "optim.scheduler=null"]
+    live = fit(make_cfg(tmp_path / "live", *common))
+    a = {k: v.clone() for k, v in live.module.policy.state_dict().items()}
+    pre = fit(make_cfg(tmp_path / "pre", *common, "reference.precompute=true"))
+    assert pre.module.reference is None  # freed after scoring
+    record = json.loads((Path(pre.cfg.output_dir) / "reference_cache.json").read_text())
+    assert record["reference_weights"] and record["computed"]
+    b = pre.module.policy.state_dict()
+    lora_keys = [k for k in a if "lora_" in k]
+    assert lora_keys
+    assert max((a[k] - b[k]).abs().max().item() for k in lora_keys) < 1e-5

@@ -20,7 +20,7 @@ def test_benchmark_dpo_lab_side_runs(tmp_path):
             "--tools",
             "dpo_lab",
             "--modes",
-            "live,precomputed",
+            "live,precomputed,lora",
             "--vocab",
             "64",
             "--hidden",
@@ -49,9 +49,9 @@ def test_benchmark_dpo_lab_side_runs(tmp_path):
     rows = {
         line.split("|")[1].strip(): line
         for line in proc.stdout.splitlines()
-        if line.startswith("| live") or line.startswith("| precomputed")
+        if line.startswith(("| live", "| precomputed", "| lora"))
     }
-    assert set(rows) == {"live", "precomputed"}
+    assert set(rows) == {"live", "precomputed", "lora"}
     for line in rows.values():
         tokens_per_s = float(line.split("|")[2])
         assert tokens_per_s > 0

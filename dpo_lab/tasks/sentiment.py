@@ -269,8 +269,6 @@ def build(
     warrants: the Bradley-Terry logit gains ``length_bias`` per word of length difference (the
     ``length_bias`` study). The reward itself is unchanged.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     gen = {
         "hidden_size": 64,
         "num_layers": 2,
@@ -302,6 +300,17 @@ def build(
     root = cache_root() / f"sentiment-{cache_key(settings)}"
     if (root / "meta.json").exists():
         return root
+    # The build seeds torch itself; it must not move the caller's RNG, or a run that builds the
+    # task (first use) would continue from another RNG state than one that finds it cached.
+    with torch.random.fork_rng(devices=[]):
+        return _build(root, settings, verbose=verbose)
+
+
+def _build(root: Path, settings: dict[str, Any], *, verbose: bool) -> Path:
+    seed, n_sft, n_train, n_val = (settings[k] for k in ("seed", "n_sft", "n_train", "n_val"))
+    max_new_tokens, bt_temperature = settings["max_new_tokens"], settings["bt_temperature"]
+    length_bias, gen = settings.get("length_bias", 0.0), settings["generator"]
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     t0 = time.time()
     if verbose:
