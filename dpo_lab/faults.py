@@ -77,6 +77,31 @@ class SaveOnInterrupt(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
+class SaveFinalState(L.Callback):
+    """``<dir>/last.ckpt`` holding the state training ended in, so a finished run can be extended
+    (``resume=auto`` with a larger ``trainer.max_steps`` or ``max_epochs``) exactly.
+
+    A run stopped by ``max_steps`` mid-epoch is saved right after its last step, from inside the
+    loop: a checkpoint taken after ``fit`` returns would record that epoch as completed, and the
+    resumed run would start the next epoch, skipping the rest of this one. A run that ends at an
+    epoch boundary is saved after ``fit`` (``save_after_fit``).
+    """
+
+    def __init__(self, dirpath: str | Path):
+        self.path = Path(dirpath) / LAST
+        self.saved_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step and self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+            self.saved_step = trainer.global_step
+
+    def save_after_fit(self, trainer: L.Trainer) -> None:
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+            self.saved_step = trainer.global_step
+
+
 def rng_state() -> dict[str, Any]:
     """Every generator's state as tensors and plain Python values, so checkpoints stay loadable
     with ``torch.load(weights_only=True)``."""

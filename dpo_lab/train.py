@@ -22,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_lab.callbacks import DisplacementProbe
@@ -30,7 +31,7 @@ from dpo_lab.data.formats import prepare
 from dpo_lab.data.sources import PreferenceData
 from dpo_lab.errors import ConfigError, DpoLabError
 from dpo_lab.evaluation import evaluate
-from dpo_lab.faults import AtomicCheckpointIO, SaveOnInterrupt, resolve_resume
+from dpo_lab.faults import AtomicCheckpointIO, SaveFinalState, SaveOnInterrupt, resolve_resume
 from dpo_lab.loggers import log_wandb_media
 from dpo_lab.lora import PeftReference, is_peft
 from dpo_lab.losses import LossSpec, bind_loss_kwargs, get_loss
@@ -245,6 +246,7 @@ def build(cfg: DictConfig) -> Run:
                 enable_version_counter=False,
             ),
             SaveOnInterrupt(ckpt_dir),
+            SaveFinalState(ckpt_dir),
         ]
     if cfg.reference.precompute:  # before the probe: it frees the reference at fit start
         callbacks.append(
@@ -352,6 +354,8 @@ def _logger(name: str, c: DictConfig, out: Path, resuming: bool) -> Any:
         if resuming and id_file.exists():
             extra.update(id=id_file.read_text().strip(), resume="allow")
     lg = instantiate(c, **extra)
+    if rank_zero_only.rank != 0:  # other processes of a multi-process run log nothing
+        return lg
     if name == "wandb":
         id_file.write_text(lg.experiment.id)
     if name == "csv" and resuming and metrics.exists():
@@ -449,8 +453,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if run.ckpt_path:
         log.info("resuming from %s", run.ckpt_path)
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
-    if run.trainer.checkpoint_callback is not None:  # the final state, whatever N divides
-        run.trainer.save_checkpoint(run.out / "checkpoints" / "last.ckpt")
+    for cb in run.trainer.callbacks:  # the final state, whatever N divides
+        if isinstance(cb, SaveFinalState):
+            cb.save_after_fit(run.trainer)
     summary = finish(run, t0)
     if summary:
         print(_format_summary(summary), flush=True)

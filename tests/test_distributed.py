@@ -144,3 +144,32 @@ def test_cluster_presets_compose():
         )
     )
     assert sum(_is_decoder_layer(x) for x in m.modules()) == 2
+
+
+@pytest.mark.slow
+def test_ddp_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path):
+    """Each rank's loader skips its own processed batches: stop two processes at step 4 of a
+    6-step epoch, resume to step 8 (crossing the epoch end), compare with 8 steps straight."""
+    ddp = [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "dataset.batch_size=8",
+        "trainer.max_epochs=5",
+        "trainer.log_every_n_steps=1",
+        "optim.scheduler=null",
+        "eval.num_prompts=0",
+        "checkpoint.every_n_steps=2",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli(*ddp, "trainer.max_steps=8", f"hydra.run.dir={straight}", cwd=tmp_path)
+    cli(*ddp, "trainer.max_steps=4", f"hydra.run.dir={resumed}", cwd=tmp_path)
+    cli(*ddp, "trainer.max_steps=8", "resume=auto", f"hydra.run.dir={resumed}", cwd=tmp_path)
+    l1, l2 = train_losses(straight), train_losses(resumed)
+    w1, w2 = weights(straight), weights(resumed)
+    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert worst < DDP_ATOL, worst
+    assert sorted(l1) == sorted(l2) == list(range(8))
+    for step in l1:
+        assert abs(l1[step] - l2[step]) < DDP_ATOL, (step, l1[step], l2[step])

@@ -68,6 +68,25 @@ def losses_by_step(out: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
+def test_a_run_ended_by_max_steps_mid_epoch_extends_exactly(tmp_path):
+    """Stopped by max_steps at step 3 of a 6-step epoch, then resumed to 8: the final state is
+    saved from inside the loop, so the rest of that epoch is not skipped."""
+    from conftest import make_cfg
+
+    steps = [o for o in RUN[len(SMALL) :] if not o.startswith("trainer.max_steps")]
+    whole, extended = tmp_path / "whole", tmp_path / "extended"
+    train(make_cfg(whole, *steps, "trainer.max_steps=8"))
+    train(make_cfg(extended, *steps, "trainer.max_steps=3"))
+    summary = train(make_cfg(extended, *steps, "trainer.max_steps=8", "resume=auto"))
+    assert summary["steps"] == 8
+    a = load_file(whole / "final" / "model.safetensors")
+    b = load_file(extended / "final" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses_by_step(whole) == losses_by_step(extended)
+
+
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, cfg_factory):
     from conftest import make_cfg
 
