@@ -83,6 +83,7 @@ class PreferenceModule(L.LightningModule):
         self._step_started: float | None = None
         self._gen_seconds = 0.0
         self.online_pairs_total = 0  # pairs trained on so far (online)
+        self._val_sums: dict[str, Tensor] = {}  # multi-process validation sums (Σ v·n, Σ n)
 
     def train(self, mode: bool = True) -> PreferenceModule:
         """Lightning puts the module in train mode at fit start; the reference stays in eval."""
@@ -198,12 +199,19 @@ class PreferenceModule(L.LightningModule):
         return loss
 
     def _log_metrics(self, metrics: dict[str, tuple[Tensor, int]], split: str) -> None:
-        """Log per-example means. Across processes, a training step's metrics are reduced here
-        as (Σ value·n, Σ n) over every rank, so uneven per-rank batches are weighted by their
-        examples, not averaged as rank means; epoch metrics (validation) use Lightning's
-        sync_dist, which sums value·n and n over ranks the same way."""
+        """Log per-example means. Across processes, metrics are reduced here as (Σ value·n, Σ n)
+        over every rank, so uneven shards are weighted by their examples, not averaged as rank
+        means: a training step's at once, validation's summed over the epoch and reduced in
+        ``on_validation_epoch_end``. (Lightning's own sync_dist is not used for validation: it
+        averages the integer example counts over ranks with integer division, which skews the
+        mean when the shards are uneven — found by the DDP test with 47 validation pairs.)"""
         train = split == "train"
         world = self.trainer.world_size if self._trainer is not None else 1
+        if not train and world > 1:
+            for k, (v, n) in metrics.items():
+                acc = self._val_sums.setdefault(k, torch.zeros(2, device=self.device))
+                acc += torch.stack([v.detach().float() * n, v.new_tensor(float(n)).float()])
+            return
         if train and world > 1:
             keys = sorted(metrics)
             packed = torch.stack(
@@ -226,14 +234,21 @@ class PreferenceModule(L.LightningModule):
         for k, (v, n) in metrics.items():
             if n == 0 and world == 1:
                 continue  # e.g. no undesirable example in this batch
-            self.log(
-                f"{split}/{k}",
-                v,
-                batch_size=n,
-                on_step=train,
-                on_epoch=not train,
-                sync_dist=world > 1 and not train,
-            )
+            self.log(f"{split}/{k}", v, batch_size=n, on_step=train, on_epoch=not train)
+
+    def on_validation_epoch_end(self) -> None:
+        """Multi-process validation: reduce the epoch's (Σ value·n, Σ n) over ranks and log the
+        per-example means (every rank logged the same keys: unpaired keys are always present)."""
+        if not self._val_sums:
+            return
+        keys = sorted(self._val_sums)
+        packed = self.trainer.strategy.reduce(
+            torch.stack([self._val_sums[k] for k in keys]), reduce_op="sum"
+        )
+        self._val_sums = {}
+        for i, k in enumerate(keys):
+            if packed[i, 1] > 0:
+                self.log(f"val/{k}", packed[i, 0] / packed[i, 1])
 
     def _online_batch(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         """Replace the batch's fixed pairs by pairs sampled from the policy and judged."""

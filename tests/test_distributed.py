@@ -50,6 +50,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
     common = [
+        "dataset.source.n_val=47",  # odd: the two processes validate 24 and 23 pairs
         "trainer.max_epochs=1",  # 96 pairs / 16 a step = 6 steps, then validation
         "trainer.log_every_n_steps=1",
         "optim.scheduler=null",
@@ -79,7 +80,8 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
     w1, w2 = weights(one), weights(two)
     worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert worst < DDP_ATOL, worst
-    # validation split over the two processes, reduced as per-example means: equal to one pass
+    # validation split unevenly over the two processes, reduced as per-example means (not a mean
+    # of the two ranks' means): equal to one pass over all 47
     for key in ("val/loss", "val/rewards/accuracies", "val/rewards/margins", "val/logps/chosen"):
         assert abs(s1[key] - s2[key]) < DDP_ATOL, (key, s1[key], s2[key])
     assert not (two / "final_rank1").exists() and "eval/kl" in s2  # one report, from rank 0
