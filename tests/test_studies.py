@@ -14,20 +14,13 @@ import pytest
 import torch
 import yaml
 from conftest import make_cfg
+from test_task import SMALL as TASK  # the shrunk task build test_task uses
 
 from dpo_lab.tasks import sentiment
 from dpo_lab.tasks.closed_form import closed_form_metrics
 from dpo_lab.train import train
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-TASK = dict(
-    n_sft=300,
-    n_train=24,
-    n_val=8,
-    max_new_tokens=8,
-    generator=dict(hidden_size=16, intermediate_size=32, sft_steps=20, num_heads=2),
-    verbose=False,
-)
 
 
 def test_closed_form_metrics_by_hand():
@@ -149,8 +142,6 @@ def test_probe_true_accuracy_scores_against_the_true_reward(tmp_path):
     out = Path(cfg.output_dir)
     from dpo_lab.tasks.sentiment import load
 
-    source = {k: v for k, v in _small_source().items()}
-    source["generator"] = {}
     with open(out / "probe.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) == summary["steps"]]
     config = yaml.safe_load((out / "config.yaml").read_text())
