@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,19 +154,32 @@ def build_models(
     return tokenizer, policy, reference
 
 
-def save_final(policy: Any, tokenizer: Any, out: Path, *, merge: bool = False) -> None:
+def save_final(
+    policy: Any,
+    tokenizer: Any,
+    out: Path,
+    *,
+    merge: bool = False,
+    load_base: Callable[[], Any] | None = None,
+) -> None:
     """``out``: the trained model (save_pretrained), or under LoRA the trained adapter, plus
-    ``out/merged`` (the adapter folded into the base) when ``merge``."""
+    ``out/merged`` (the adapter folded into the base) when ``merge``.
+
+    The merge loads the base afresh with ``load_base`` (on the CPU, as ``from_pretrained`` does)
+    and applies the adapter just saved, rather than copying the policy where it trains: a copy on
+    the GPU would need a second set of the model's weights there at the end of the run.
+    """
     from dpo_lab import lora as lora_mod
 
     if lora_mod.is_peft(policy):
         policy.save_pretrained(out, selected_adapters=[lora_mod.TRAINED])
         tokenizer.save_pretrained(out)
         if merge:
-            merged = copy.deepcopy(policy)
-            for name in [n for n in merged.peft_config if n != lora_mod.TRAINED]:
-                merged.delete_adapter(name)
-            merged = merged.merge_and_unload()
+            from peft import PeftModel
+
+            if load_base is None:
+                raise ValueError("merging a LoRA adapter needs load_base (the base model)")
+            merged = PeftModel.from_pretrained(load_base(), str(out)).merge_and_unload()
             merged.save_pretrained(out / "merged")
             tokenizer.save_pretrained(out / "merged")
         return

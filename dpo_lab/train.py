@@ -432,7 +432,13 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
         for lg in run.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
-    save_final(module.policy, run.tokenizer, out / "final", merge=cfg.model.lora.merge_on_save)
+    save_final(
+        module.policy,
+        run.tokenizer,
+        out / "final",
+        merge=cfg.model.lora.merge_on_save,
+        load_base=lambda: _load(cfg, run.model_path)[1],
+    )
     summary["wall_time_s"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for lg in run.loggers:
