@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import torch
 
 from dpo_lab.errors import ConfigError
+
+log = logging.getLogger("dpo_lab")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # builtin:<task> → the dataset sources built on that task's SFT base
@@ -149,9 +152,40 @@ def build_models(
         policy = lora_mod.wrap(policy, lora, reference=own_reference)
         if own_reference:
             reference = lora_mod.PeftReference(policy)
+    keep_trainable(policy, model_cfg.get("trainable_dtype"), model_cfg["dtype"])
     if model_cfg.get("gradient_checkpointing"):  # the policy only: the reference keeps none
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return tokenizer, policy, reference
+
+
+def keep_trainable(policy: Any, trainable_dtype: str | None, dtype: str) -> None:
+    """Hold the policy's trainable parameters in ``trainable_dtype`` (``model.trainable_dtype``).
+
+    Loading a model in bf16 halves the frozen weights' memory, but AdamW steps each parameter in
+    its own dtype: near a weight of 0.02, bf16 values are ~1e-4 apart, so updates of ~lr = 1e-6
+    round away (10 AdamW steps at lr 1e-6 change 1.4% of a bf16 layer's weights, 100% of an fp32
+    one's). So the trained weights are kept in fp32 by default (under LoRA the adapters alone;
+    peft already makes them fp32), while ``trainer=gpu``'s bf16-mixed autocast runs the matmuls
+    in bf16. The reference, copied before this, keeps ``model.dtype``.
+    """
+    if trainable_dtype is None:
+        if dtype != "float32" and any(p.requires_grad for p in policy.parameters()):
+            log.warning(
+                "model.trainable_dtype=null with model.dtype=%s: the optimizer updates %s weights "
+                "in place, and small updates (lr ~1e-6) round away; model.trainable_dtype=float32 "
+                "keeps fp32 master weights",
+                dtype,
+                dtype,
+            )
+        return
+    if trainable_dtype not in DTYPES:
+        raise ConfigError(
+            f"model.trainable_dtype={trainable_dtype!r}: expected one of {', '.join(DTYPES)} "
+            "or null (keep model.dtype)"
+        )
+    for p in policy.parameters():  # tied weights are one Parameter: cast once, still tied
+        if p.requires_grad and p.dtype != DTYPES[trainable_dtype]:
+            p.data = p.data.to(DTYPES[trainable_dtype])
 
 
 def save_final(

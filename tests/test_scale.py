@@ -253,3 +253,49 @@ def test_lora_with_precomputed_reference_matches_live(tmp_path):
     lora_keys = [k for k in a if "lora_" in k]
     assert lora_keys
     assert max((a[k] - b[k]).abs().max().item() for k in lora_keys) < 1e-5
+
+
+def _changed_share(run, start: dict[str, torch.Tensor]) -> float:
+    """Share of the policy's non-embedding weights that differ from ``start``."""
+    total = changed = 0
+    for n, p in run.module.policy.named_parameters():
+        if "embed" not in n:  # rows of tokens absent from the batch get no gradient
+            total += p.numel()
+            changed += int((p.detach() != start[n]).sum())
+    return changed / total
+
+
+@pytest.mark.slow
+def test_a_bf16_model_trains_fp32_master_weights(tmp_path):
+    """model.dtype=bfloat16 (as the real presets load) with lr 1e-6: AdamW's updates round away
+    in bf16 weights, so the trained weights are kept in fp32 (model.trainable_dtype) while the
+    reference copy stays bf16. With trainable_dtype=null almost nothing moves."""
+    shares = {}
+    for trainable in ("float32", "null"):
+        cfg = make_cfg(
+            tmp_path / trainable,
+            "model.dtype=bfloat16",
+            f"model.trainable_dtype={trainable}",
+            "model.lr=1e-6",
+            "optim.scheduler=null",
+            "trainer.max_steps=2",
+            "eval.num_prompts=0",
+        )
+        run = build(cfg)
+        policy_dtypes = {p.dtype for p in run.module.policy.parameters()}
+        assert policy_dtypes == {torch.float32 if trainable == "float32" else torch.bfloat16}
+        assert {p.dtype for p in run.module.reference.parameters()} == {torch.bfloat16}
+        start = {n: p.detach().clone() for n, p in run.module.policy.named_parameters()}
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+        shares[trainable] = _changed_share(run, start)
+    # measured: 1.0 and 0.010 (2 steps); fp32 master weights move every weight
+    assert shares["float32"] > 0.99 and shares["null"] < 0.1, shares
+
+
+def test_lora_on_a_bf16_base_trains_fp32_adapters(cfg_factory):
+    run = build(cfg_factory("model.dtype=bfloat16", "model.lora.enabled=true", "model.lora.r=4"))
+    params = dict(run.module.policy.named_parameters())
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.bfloat16}
+    with pytest.raises(ConfigError, match="model.trainable_dtype='fp8'"):
+        build(cfg_factory("model.trainable_dtype=fp8"))
