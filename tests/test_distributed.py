@@ -42,19 +42,28 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained weights in ``final/``: the whole model, or under LoRA the adapter."""
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "final" / "model.safetensors")
+    final = run_dir / "final"
+    lora = final / "adapter_model.safetensors"
+    return load_file(lora if lora.exists() else final / "model.safetensors")
+
+
+# LoRA under DDP: the adapter-disabled reference runs inside DDP's forward on every rank
+LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0", "model.lr=5e-3"]
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
+def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path, extra):
     common = [
         "dataset.source.n_val=47",  # odd: the two processes validate 24 and 23 pairs
         "trainer.max_epochs=1",  # 96 pairs / 16 a step = 6 steps, then validation
         "trainer.log_every_n_steps=1",
         "optim.scheduler=null",
         "eval.num_prompts=8",
+        *extra,
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     cli(*common, "dataset.batch_size=16", f"hydra.run.dir={one}", cwd=tmp_path)
