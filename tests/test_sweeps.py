@@ -104,3 +104,79 @@ def test_optuna_preset_tunes_beta_and_lr(tmp_path):
     assert len(summaries) == 2
     assert results["best_value"] == max(s["eval/reward/policy"] for s in summaries)
     assert {s["beta"] for s in summaries} != {0.1}  # the sampler chose the β, not the default
+
+
+def wandb_records(path):
+    """The records of an offline W&B run's transaction log (``run-*.wandb``): a LevelDB-style
+    log of protobuf ``Record``s after a 7-byte file header, in 32 KiB blocks, each piece behind
+    a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last). wandb's own reader
+    is internal API and moves between versions; the protobuf definitions ship with it."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, piece = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        piece += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(piece)
+            yield record
+            piece = b""
+
+
+@pytest.mark.slow
+def test_each_sweep_job_is_a_w_and_b_run_named_grouped_and_flat(tmp_path):
+    """Each job of a W&B sweep is one run, named by its overrides, grouped by the sweep dir,
+    with the flattened config (``loss.name``, ``beta``, ...) to filter on (offline here)."""
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpo_lab.train",
+            "-m",
+            *SMALL,
+            "logger=wandb",
+            "loss=dpo,ipo",
+            "trainer.max_steps=1",
+            "eval.num_prompts=0",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").exists())
+    assert len(jobs) == 2
+    seen = []
+    for job in jobs:
+        (log,) = job.glob("wandb/offline-run-*/*.wandb")  # one W&B run per job
+        runs, config = [], {}
+        for r in wandb_records(log):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                runs.append(r.run)
+            elif kind == "config":
+                config.update({u.key: json.loads(u.value_json) for u in r.config.update})
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert {r.display_name for r in runs} == {",".join(sorted(overrides))}  # Hydra's name
+        assert {r.run_group for r in runs} == {"sweep"}
+        assert {r.run_id for r in runs} == {(job / "wandb_run_id").read_text()}
+        assert config["beta"] == 0.1 and config["dataset.label_noise"] == 0.0
+        assert "loss" not in config  # flattened: dotted keys, no nested blocks
+        seen.append(config["loss.name"])
+    assert sorted(seen) == ["dpo", "ipo"]
