@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,26 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["WANDB_MODE"] = "offline"
     torch.set_num_threads(min(2, torch.get_num_threads()))
     return d
+
+
+def run_cli(
+    *args: str, cwd: Path, check: bool = True, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m dpo_lab.train`` on the shrunk task, ``args`` after the shrinking overrides
+    (flags such as ``-m`` first, as Hydra wants); with ``check`` the exit status must be 0."""
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpo_lab.train", *flags, *SMALL, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def make_cfg(output_dir: Path | str, *overrides: str, small: bool = True) -> DictConfig:

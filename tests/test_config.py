@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, make_cfg
+from conftest import make_cfg, run_cli
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError
 
@@ -97,14 +95,12 @@ def test_unknown_keys_fail_loudly(tmp_path):
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "dpo_lab.train", *SMALL, *args, f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True,
-        text=True,
-        env=env,
+    return run_cli(
+        *args,
+        f"hydra.run.dir={tmp_path}/run",
         cwd=tmp_path,
-        timeout=300,
+        check=False,
+        env={"HYDRA_FULL_ERROR": "0"},
     )
 
 

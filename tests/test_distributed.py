@@ -5,33 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL
+from conftest import run_cli as cli
 
 # Tolerance of the DDP equivalence: the two runs differ only in the order of floating-point
 # sums (gradients averaged by all-reduce, metrics reduced across ranks).
 DDP_ATOL = 1e-4
-
-
-def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    flags = [a for a in args if a.startswith("-")]  # Hydra wants -m before the overrides
-    overrides = [a for a in args if not a.startswith("-")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "dpo_lab.train", *flags, *SMALL, *overrides],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env={**os.environ},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -3,36 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import SMALL
+from conftest import run_cli
 
 
 @pytest.mark.slow
 def test_a_failing_job_does_not_end_the_sweep_and_the_report_lists_it(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpo_lab.train",
-            "-m",
-            *SMALL,
-            "beta=0.1,0",
-            "trainer.max_steps=2",
-            "eval.num_prompts=4",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_cli(
+        "-m",
+        "beta=0.1,0",
+        "trainer.max_steps=2",
+        "eval.num_prompts=4",
+        f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
-        env={**os.environ},
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     assert "dpo_lab: job failed (ConfigError: beta must be a number > 0" in proc.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 2
@@ -76,26 +64,15 @@ def test_optuna_preset_tunes_beta_and_lr(tmp_path):
     import yaml
 
     sweep = tmp_path / "optuna"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpo_lab.train",
-            "-m",
-            "hparams_search=optuna",
-            *SMALL,
-            "hydra.sweeper.n_trials=2",
-            "trainer.max_steps=2",
-            "eval.num_prompts=4",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_cli(
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_steps=2",
+        "eval.num_prompts=4",
+        f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
-        env={**os.environ},
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(results["best_params"]) == {"beta", "optim.optimizer.lr"}
     assert 0.02 <= results["best_params"]["beta"] <= 2.0
@@ -140,26 +117,16 @@ def test_each_sweep_job_is_a_w_and_b_run_named_grouped_and_flat(tmp_path):
     import yaml
 
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpo_lab.train",
-            "-m",
-            *SMALL,
-            "logger=wandb",
-            "loss=dpo,ipo",
-            "trainer.max_steps=1",
-            "eval.num_prompts=0",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_cli(
+        "-m",
+        "logger=wandb",
+        "loss=dpo,ipo",
+        "trainer.max_steps=1",
+        "eval.num_prompts=0",
+        f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
-        env={**os.environ, "WANDB_MODE": "offline"},
+        env={"WANDB_MODE": "offline"},
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").exists())
     assert len(jobs) == 2
     seen = []
