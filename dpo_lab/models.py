@@ -114,14 +114,19 @@ def build_models(
     from dpo_lab import lora as lora_mod
 
     lora = model_cfg.get("lora") or {}
+    # before any weights load: a misspelt dtype should not cost a large model's load time
+    for key, value in (
+        ("reference.dtype", reference_cfg.get("dtype")),
+        ("model.trainable_dtype", model_cfg.get("trainable_dtype")),
+    ):
+        if value is not None and value not in DTYPES:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(DTYPES)} or null")
     kw = dict(
         attn_implementation=model_cfg["attn_implementation"],
         trust_remote_code=model_cfg["trust_remote_code"],
     )
     tokenizer, policy = load_model(path, dtype=model_cfg["dtype"], **kw)
     ref_name, ref_dtype = reference_cfg.get("name_or_path"), reference_cfg.get("dtype")
-    if ref_dtype is not None and ref_dtype not in DTYPES:
-        raise ConfigError(f"reference.dtype={ref_dtype!r}: expected one of {', '.join(DTYPES)}")
     if not needs_reference and (ref_name or ref_dtype):
         raise ConfigError(
             "reference.name_or_path / reference.dtype are set, but this loss uses no reference"
@@ -178,11 +183,6 @@ def keep_trainable(policy: Any, trainable_dtype: str | None, dtype: str) -> None
                 dtype,
             )
         return
-    if trainable_dtype not in DTYPES:
-        raise ConfigError(
-            f"model.trainable_dtype={trainable_dtype!r}: expected one of {', '.join(DTYPES)} "
-            "or null (keep model.dtype)"
-        )
     for p in policy.parameters():  # tied weights are one Parameter: cast once, still tied
         if p.requires_grad and p.dtype != DTYPES[trainable_dtype]:
             p.data = p.data.to(DTYPES[trainable_dtype])
