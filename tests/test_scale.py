@@ -297,6 +297,9 @@ def test_lora_on_a_bf16_base_trains_fp32_adapters(cfg_factory):
     params = dict(run.module.policy.named_parameters())
     assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
     assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.bfloat16}
+
+
+def test_dtype_keys_are_checked(cfg_factory):
     with pytest.raises(ConfigError, match="model.trainable_dtype='fp8': expected one of"):
         build(cfg_factory("model.trainable_dtype=fp8"))
     with pytest.raises(ConfigError, match="reference.dtype='bf16': expected one of"):
