@@ -12,8 +12,12 @@ is not a plain linear layer (logit soft-capping, logit scaling) take the naive p
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+
+from dpo_lab.losses import PairedLogps, UnpairedLogps
 
 # Architectures whose logits are exactly ``lm_head(decoder(x).last_hidden_state)``.
 LEAN_MODEL_TYPES = frozenset(
@@ -152,3 +156,31 @@ def completion_logps(
     logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     logps = logps.index_add(0, rows, token_logps)
     return logps, mask.sum(-1)
+
+
+def paired_logps(model: nn.Module, batch: dict[str, Any], **kwargs: Any) -> PairedLogps:
+    """Chosen and rejected log-probs from one forward over the concatenated (2B, T) block of a
+    ``PreferenceCollator`` batch: rows [0, B) are chosen, [B, 2B) rejected. ``kwargs`` go to
+    ``completion_logps``."""
+    logps, tokens = completion_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kwargs
+    )
+    B = logps.shape[0] // 2
+    return PairedLogps(logps[:B], logps[B:], tokens[:B], tokens[B:])
+
+
+def unpaired_logps(model: nn.Module, batch: dict[str, Any], **kwargs: Any) -> UnpairedLogps:
+    """Log-probs of an ``UnpairedCollator`` batch: each example's completion (with grad where grad
+    is enabled) and the mismatched KL rows (never with grad: KTO's z₀ is detached)."""
+    logps, tokens = completion_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kwargs
+    )
+    with torch.no_grad():
+        kl, _ = completion_logps(
+            model,
+            batch["kl_input_ids"],
+            batch["kl_attention_mask"],
+            batch["kl_completion_mask"],
+            **kwargs,
+        )
+    return UnpairedLogps(logps, tokens, batch["desirable"], kl)

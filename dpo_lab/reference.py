@@ -1,0 +1,109 @@
+"""The frozen reference as the training step sees it: per-sequence log-probs of a batch.
+
+A loss that needs a reference gets one of two objects, chosen once when the run is built:
+
+- ``LiveReference``: a frozen model run on each batch under ``inference_mode``. The model is a
+  copy of the policy's starting weights, a named model (``reference.name_or_path``), or under LoRA
+  the policy's own base with the adapters off (``dpo_lab.lora.PeftReference``).
+- ``CachedReference``: log-probs scored once before training (``reference.precompute=true``,
+  ``dpo_lab.refcache.precompute``) and looked up by each batch's row indices; no model at all.
+
+Both answer ``paired(batch, split)`` and ``unpaired(batch, split)``, so the module never asks
+which kind it has. ``model`` is the live model where there is one (online sampling and the
+end-of-run evaluation need a model), else None.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dpo_lab.logps import paired_logps, unpaired_logps
+from dpo_lab.losses import PairedLogps, UnpairedLogps
+
+SPLITS = ("train", "val")
+
+
+def _leave_inference_mode(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Inference tensors cannot meet tensors that need grad in the loss: normal copies."""
+    return tuple(t.clone() for t in tensors)
+
+
+class LiveReference(nn.Module):
+    """A frozen model scored on every batch.
+
+    Args:
+        model: the reference LM; put in eval mode and frozen here, and kept in eval mode whatever
+            mode Lightning sets on the module that holds it.
+        logps_kwargs: ``chunk_size`` and ``recompute`` for ``completion_logps``.
+    """
+
+    def __init__(self, model: nn.Module, logps_kwargs: dict[str, Any] | None = None):
+        super().__init__()
+        self.model = model
+        model.requires_grad_(False)
+        self.logps_kwargs = dict(logps_kwargs or {})
+        self.eval()
+
+    def train(self, mode: bool = True) -> LiveReference:
+        return super().train(False)  # never dropout: the reference is a fixed function
+
+    def paired(self, batch: dict[str, Any], split: str) -> PairedLogps:
+        with torch.inference_mode():
+            out = paired_logps(self.model, batch, **self.logps_kwargs)
+        return PairedLogps(
+            *_leave_inference_mode(out.chosen, out.rejected, out.chosen_tokens, out.rejected_tokens)
+        )
+
+    def unpaired(self, batch: dict[str, Any], split: str) -> UnpairedLogps:
+        with torch.inference_mode():
+            out = unpaired_logps(self.model, batch, **self.logps_kwargs)
+        completion, tokens, kl = _leave_inference_mode(out.completion, out.tokens, out.kl)
+        return UnpairedLogps(completion, tokens, out.desirable, kl)
+
+
+class CachedReference(nn.Module):
+    """Reference log-probs computed once, looked up by each batch's ``index`` (row position in
+    its split, ``PreferenceCollator``); the model they came from is gone.
+
+    Args:
+        values: ``{split}_chosen`` and ``{split}_rejected`` (N,) per split, aligned with
+            ``indices``.
+        indices: ``{split}``: (N,) the row index of each value.
+        record: what the cache is and where it came from (``reference_cache.json``).
+    """
+
+    model = None  # no model: online sampling and live evaluation need a LiveReference
+
+    def __init__(
+        self, values: dict[str, Tensor], indices: dict[str, Tensor], record: dict[str, Any]
+    ):
+        super().__init__()
+        self.record = record
+        for split in SPLITS:
+            idx = indices[split].long()
+            size = int(idx.max()) + 1 if idx.numel() else 0
+            for side in ("chosen", "rejected"):
+                table = torch.full((size,), float("nan"), dtype=torch.float32)
+                table[idx] = values[f"{split}_{side}"].float()
+                # a buffer so that it follows the module to its device; never checkpointed
+                self.register_buffer(f"{split}_{side}", table, persistent=False)
+
+    def paired(self, batch: dict[str, Any], split: str) -> PairedLogps:
+        idx = batch["index"].to(getattr(self, f"{split}_chosen").device)
+        chosen = getattr(self, f"{split}_chosen")[idx]
+        rejected = getattr(self, f"{split}_rejected")[idx]
+        if torch.isnan(chosen).any() or torch.isnan(rejected).any():
+            raise KeyError(f"{split} rows {idx.tolist()} are not in the reference cache")
+        tokens = batch["completion_mask"][:, 1:].sum(-1)
+        B = len(idx)
+        device = batch["input_ids"].device
+        return PairedLogps(chosen.to(device), rejected.to(device), tokens[:B], tokens[B:])
+
+    def unpaired(self, batch: dict[str, Any], split: str) -> UnpairedLogps:
+        raise NotImplementedError(
+            "precomputed reference log-probs exist for paired data only (KTO's KL rows change "
+            "with the batch)"
+        )
