@@ -13,13 +13,17 @@ mean trajectories at the end of training.
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from dpo_lab.logps import paired_logps
 from dpo_lab.losses import PairedLogps
+
+log = logging.getLogger("dpo_lab")
 
 PROBE_COLUMNS = (
     "step",
@@ -34,50 +38,70 @@ PROBE_COLUMNS = (
 
 
 class DisplacementProbe(L.Callback):
-    """Scores ``batch`` (a collated probe set) under the policy every ``every_n_steps`` steps.
+    """Scores the datamodule's probe pairs under the policy every ``every_n_steps`` steps.
 
-    The reference level is the reference model's log-probs, or, for reference-free losses (no
-    reference is loaded), the policy's own before its first update, which is the same model.
+    The probe set is the datamodule's (``probe_batch()``: the first ``probe.size`` held-out pairs);
+    unpaired data has none, and the probe is then off. The reference level is the run's reference
+    (live or precomputed), or, for reference-free losses (no reference is loaded), the policy's
+    own log-probs before its first update, which is the same model. Both are scored in eval mode
+    under the run's precision context, as the training step scores them.
+
+    Args:
+        every_n_steps: N; step 0 and the last step are always scored.
+        out_dir: the run dir (``probe.csv``, ``probe.png``).
     """
 
-    def __init__(
-        self,
-        batch: dict[str, torch.Tensor],
-        example_ids: list[str],
-        every_n_steps: int,
-        out_dir: str | Path,
-        true_margins: torch.Tensor | None = None,
-    ):
+    def __init__(self, every_n_steps: int, out_dir: str | Path):
         if every_n_steps < 1:
             from dpo_lab.errors import ConfigError
 
             raise ConfigError(f"probe.every_n_steps must be >= 1, got {every_n_steps}")
-        self.batch, self.ids, self.every = batch, example_ids, every_n_steps
+        self.every = every_n_steps
         self.csv_path = Path(out_dir) / "probe.csv"
         self.png_path = Path(out_dir) / "probe.png"
+        self.batch: dict[str, torch.Tensor] | None = None
+        self.ids: list[str] = []
         self.reference: PairedLogps | None = None
         self.last_step = -1
         self.last_metrics: dict[str, float] = {}
         # r(chosen) − r(rejected) under the task's ground-truth reward, when it has one
-        self.true_margins = true_margins
+        self.true_margins: torch.Tensor | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        dm = trainer.datamodule
+        if stage != "fit" or self.batch is not None:
+            return
+        if not getattr(dm, "probe_items", None):
+            log.warning("unpaired data has no pairs: the displacement probe is off for this run")
+            return
+        self.batch = dm.probe_batch()
+        self.ids = [it["id"] for it in dm.probe_items]
+        self.true_margins = dm.probe_true_margins()
 
     @torch.no_grad()
-    def _score(self, pl_module: Any, model: torch.nn.Module) -> PairedLogps:
-        was_training = model.training
-        model.eval()
-        batch = {k: v.to(pl_module.device) for k, v in self.batch.items() if torch.is_tensor(v)}
-        out = pl_module.paired_logps(model, batch)
-        model.train(was_training)
+    def _score(self, trainer: L.Trainer, pl_module: Any, model: Any) -> PairedLogps:
+        """Under ``model`` (the policy) or, with ``model=None``, the run's reference."""
+        batch = {
+            k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in self.batch.items()
+        }
+        with trainer.precision_plugin.forward_context():
+            if model is None:
+                out = pl_module.reference.paired(batch, "val")
+            else:
+                was_training = model.training
+                model.eval()
+                out = paired_logps(model, batch, **pl_module.logps_kwargs)
+                model.train(was_training)
         return PairedLogps(
             *(t.cpu() for t in (out.chosen, out.rejected, out.chosen_tokens, out.rejected_tokens))
         )
 
     def _record(self, trainer: L.Trainer, pl_module: Any) -> None:
         step = trainer.global_step
-        if step == self.last_step:
+        if step == self.last_step or self.batch is None:
             return
         self.last_step = step
-        pol, ref = self._score(pl_module, pl_module.policy), self.reference
+        pol, ref = self._score(trainer, pl_module, pl_module.policy), self.reference
         metrics = {
             "probe/logps/chosen": pol.chosen.mean().item(),
             "probe/logps/rejected": pol.rejected.mean().item(),
@@ -136,9 +160,11 @@ class DisplacementProbe(L.Callback):
         self._resumed = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if self.reference is None:
-            model = pl_module.reference if pl_module.reference is not None else pl_module.policy
-            self.reference = self._score(pl_module, model)
+        if self.batch is None:
+            return
+        if self.reference is None:  # the starting model, also for a reference-free loss
+            model = None if pl_module.reference is not None else pl_module.policy
+            self.reference = self._score(trainer, pl_module, model)
         if trainer.is_global_zero and getattr(self, "_resumed", False) and self.csv_path.exists():
             # rows a killed run wrote after its last checkpoint are written again: drop them
             with open(self.csv_path, newline="") as f:
@@ -157,7 +183,7 @@ class DisplacementProbe(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._record(trainer, pl_module)  # the final policy, whatever N divides
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.batch is not None:
             from dpo_lab.plots import plot_probe
 
             plot_probe(self.csv_path, self.png_path)

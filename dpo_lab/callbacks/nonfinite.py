@@ -1,0 +1,106 @@
+"""The non-finite guard: no optimizer step is ever taken on a non-finite loss or gradient.
+
+It works on Lightning's own hooks, so the precision plugin and the strategy keep their loop:
+``on_before_backward`` keeps each micro-batch's loss, and ``on_before_optimizer_step`` (after
+the backward passes and, under AMP, after the GradScaler has unscaled the gradients, before
+clipping) checks the step's losses and the total gradient norm with one device sync.
+
+- ``mode=error`` (default): the run stops with one line naming the step and the batch's example
+  ids; nothing is stepped or checkpointed from that batch.
+- ``mode=skip``: the gradients are dropped (the optimizer then leaves every weight and its state
+  as they were), the run goes on, and ``train/skipped_nonfinite`` counts such steps.
+
+Under fp16 with a GradScaler, non-finite gradients from a finite loss are the scaler's ordinary
+overflow: the scaler skips that step and lowers its scale. They are counted
+(``train/skipped_overflow``), never an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from dpo_lab.errors import ConfigError, NonFiniteError
+
+MODES = ("error", "skip")
+
+
+def grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The total 2-norm of the gradients the optimizer would step on (fp32; 0 if there are none).
+    No device sync: the caller decides when to read it."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)  # one norm per tensor, in each gradient's dtype
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+class NonFiniteGuard(L.Callback):
+    """See the module docstring. ``mode``: ``error`` or ``skip``."""
+
+    def __init__(self, mode: str = "error"):
+        if mode not in MODES:
+            raise ConfigError(
+                f"callbacks.nonfinite_guard.mode={mode!r}: expected {' or '.join(MODES)}"
+            )
+        self.mode = mode
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient (mode=skip)
+        self.overflows = 0  # fp16 steps the GradScaler skipped
+        self._losses: list[torch.Tensor] = []
+        self._ids: list[str] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, *_: Any):
+        self._ids += list(batch.get("ids", [])) if isinstance(batch, dict) else []
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: Any, loss: torch.Tensor) -> None:
+        self._losses.append(loss.detach())
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
+        losses, ids = self._losses, self._ids
+        self._losses, self._ids = [], []
+        norm = grad_norm(optimizer).to(pl_module.device)
+        loss_ok = [torch.isfinite(x).all() for x in losses] or [torch.isfinite(norm.new_zeros(()))]
+        flags = torch.stack([~torch.stack(loss_ok).all(), ~torch.isfinite(norm)]).float()
+        if trainer.world_size > 1:  # every process takes the same decision
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        bad_loss, bad_grad = (bool(v) for v in flags.cpu() > 0)  # the step's one device sync
+        if not (bad_loss or bad_grad):
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and not bad_loss:  # fp16 overflow: the scaler skips this step
+            self.overflows += 1
+            pl_module.log("train/skipped_overflow", float(self.overflows), on_step=True)
+            return
+        if self.mode == "error":
+            raise self._error(trainer, pl_module, optimizer, losses, ids, bad_loss)
+        self.skipped += 1
+        optimizer.zero_grad(set_to_none=True)  # no gradient: AdamW leaves weights and moments
+        pl_module.log("train/skipped_nonfinite", float(self.skipped), on_step=True)
+
+    def _error(self, trainer, pl_module, optimizer, losses, ids, bad_loss) -> NonFiniteError:
+        if bad_loss:
+            value = next((x for x in losses if not torch.isfinite(x).all()), losses[0])
+            what = f"loss {value.float().mean().item()}"
+        else:
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            first = next(
+                names.get(id(p), "?")
+                for g in optimizer.param_groups
+                for p in g["params"]
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            )
+            what = f"gradient (first: {first})"
+        shown = ", ".join(ids[:16]) + (" ..." if len(ids) > 16 else "")
+        return NonFiniteError(
+            f"non-finite {what} at step {trainer.global_step} (batch examples: {shown}); "
+            "callbacks.nonfinite_guard.mode=skip skips such updates instead"
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "overflows": self.overflows}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped = state.get("skipped", 0)
+        self.overflows = state.get("overflows", 0)
