@@ -64,7 +64,7 @@ def main() -> None:
     t_read = time.perf_counter() - t0
     kw = dict(max_length=512, max_prompt_length=256)
     t0 = time.perf_counter()
-    items, dropped, hit = tokenize_cached(data.train, tok, **kw)
+    items, counts, hit = tokenize_cached(data.train, tok, **kw)
     t_cold = time.perf_counter() - t0
     assert not hit
     t0 = time.perf_counter()
@@ -75,6 +75,7 @@ def main() -> None:
     tokens = sum(
         len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"]) for it in items
     )
+    dropped = counts["too_long"]
     print(f"rows: {n} train pairs ({dropped} dropped as too long), {tokens / n:.0f} tokens a pair")
     print(f"{'step':<34}{'seconds':>9}{'rows/s':>11}")
     for name, sec in (

@@ -162,6 +162,74 @@ def test_hh_rows_that_cannot_split_are_reported(tmp_path):
     assert data.train[0]["prompt"] == "\n\nHuman: hi\n\nAssistant:"
 
 
+def test_an_empty_response_is_kept_and_counted(tmp_path, tok, bpe):
+    """As in the real hh-rlhf harmless-base test split (4 of 2,312 rows): an empty final
+    response is data, trained as the end token alone (TRL does the same), and counted."""
+    empty = {
+        "chosen": "\n\nHuman: was it good?\n\nAssistant:",
+        "rejected": "\n\nHuman: was it good?\n\nAssistant: it was great .",
+    }
+    full = {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}
+    path = write(tmp_path / "hh.jsonl", [full, empty])
+    data = prepare(from_file(path=str(path), val_path=str(path)))  # on_bad_row=error: no error
+    assert len(data.train) == 2 and data.stats["empty_responses/train"] == 1
+    assert data.train[1]["chosen"] == ""
+    for t in (tok, bpe):  # word-level and byte-level BPE: the completion is EOS alone
+        items, _ = tokenize_rows(data.train, t, max_length=64, max_prompt_length=64)
+        assert items[1]["chosen_ids"] == [t.eos_token_id]
+        assert len(items[1]["rejected_ids"]) > 1
+    messages = [
+        {
+            "prompt": [{"role": "user", "content": "hello"}],
+            "chosen": [{"role": "assistant", "content": ""}],
+            "rejected": [{"role": "assistant", "content": "world"}],
+        }
+    ]
+    data = prepare(PreferenceData(messages, messages))
+    assert data.stats["empty_responses/train"] == 1
+    items, _ = tokenize_rows(data.train, bpe, max_length=64, max_prompt_length=64)
+    assert bpe.decode(items[0]["chosen_ids"]) == "<|end|>"  # the template's end of turn alone
+
+
+def test_left_truncation_keeps_bos_and_the_chat_header(bpe):
+    """A BPE tokenizer that adds BOS, and a chat template whose prompt opens with a special
+    token: cutting a long prompt from the left keeps them in front."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = bpe.backend_tokenizer.__class__.from_str(bpe.backend_tokenizer.to_str())
+    backend.add_special_tokens(["<bos>"])
+    bos = backend.token_to_id("<bos>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", bos)]
+    )
+    with_bos = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    long = "hello world " * 20
+    rows = [{"id": "x", "prompt": long, "chosen": "nice", "rejected": "today"}]
+    full, _ = tokenize_rows(rows, with_bos, max_length=512, max_prompt_length=512)
+    cut, counts = tokenize_rows(rows, with_bos, max_length=512, max_prompt_length=8)
+    assert full[0]["prompt_ids"][0] == bos and len(full[0]["prompt_ids"]) > 8
+    assert cut[0]["prompt_ids"] == [bos] + full[0]["prompt_ids"][-7:]
+    assert counts["truncated_prompts"] == 1
+    conv = [
+        {
+            "id": "c",
+            "prompt": [{"role": "user", "content": long}],
+            "chosen": [{"role": "assistant", "content": "nice"}],
+            "rejected": [{"role": "assistant", "content": "today"}],
+        }
+    ]
+    conv = prepare(PreferenceData(conv, conv)).train
+    full, _ = tokenize_rows(conv, bpe, max_length=512, max_prompt_length=512)
+    cut, _ = tokenize_rows(conv, bpe, max_length=512, max_prompt_length=6)
+    user = bpe.convert_tokens_to_ids("<|user|>")
+    assert full[0]["prompt_ids"][0] == user
+    assert cut[0]["prompt_ids"] == [user] + full[0]["prompt_ids"][-5:]
+    assert bpe.decode(cut[0]["prompt_ids"][-1:]) == "<|assistant|>"  # the end is kept too
+
+
 def test_conversational_layouts(tmp_path, bpe):
     user = {"role": "user", "content": "hello"}
     ok, bad = {"role": "assistant", "content": "world"}, {"role": "assistant", "content": "the"}
@@ -234,7 +302,7 @@ def test_label_noise_and_max_samples():
             r"present: \['chosen', 'prompt'\]",
         ),
         ('{"prompt": "x", "chosen": null, "rejected": "z"}', r"line 2: missing column.*chosen"),
-        ('{"prompt": "x", "chosen": "", "rejected": "z"}', r"line 2: 'chosen' is empty"),
+        ('{"prompt": "", "chosen": "y", "rejected": "z"}', r"line 2: 'prompt' is empty"),
         ('{"prompt": 3, "chosen": "y", "rejected": "z"}', r"line 2: 'prompt' must be a string"),
         ('{"prompt": "x", "chosen": "y", "rejected": ', r"line 2: malformed JSON"),
         ("[1, 2]", r"line 2: expected a JSON object"),
@@ -289,10 +357,10 @@ def test_boundary_is_exact_where_bpe_merges_across_it(bpe):
 
 
 def test_collated_batch_masks_prompt_and_padding(tok):
-    items, dropped = tokenize_rows(
+    items, counts = tokenize_rows(
         prepare(PreferenceData(ROWS, ROWS)).train, tok, max_length=64, max_prompt_length=32
     )
-    assert dropped == 0
+    assert counts == {"too_long": 0, "truncated_prompts": 0}
     batch = PreferenceCollator(tok.pad_token_id)(items)
     B = len(ROWS)
     assert batch["input_ids"].shape[0] == 2 * B
@@ -308,11 +376,16 @@ def test_collated_batch_masks_prompt_and_padding(tok):
 
 def test_truncation_and_too_long_drops(tok):
     rows = prepare(PreferenceData(ROWS, ROWS)).train
-    items, dropped = tokenize_rows(rows, tok, max_length=8, max_prompt_length=32)
+    items, counts = tokenize_rows(rows, tok, max_length=8, max_prompt_length=32)
     # BOS + prompt + longer completion + EOS: a 1+2+4+1=8 fits; b 11; c 10; d 1+2+2+1=6 fits
-    assert [it["id"] for it in items] == ["a", "d"] and dropped == 2
-    items, _ = tokenize_rows(rows[1:2], tok, max_length=64, max_prompt_length=3)
-    assert tok.decode(items[0]["prompt_ids"]) == "and it was"  # cut from the left
+    assert [it["id"] for it in items] == ["a", "d"] and counts["too_long"] == 2
+    full, _ = tokenize_rows(rows[1:2], tok, max_length=64, max_prompt_length=64)
+    items, counts = tokenize_rows(rows[1:2], tok, max_length=64, max_prompt_length=3)
+    # cut from the left, but BOS stays in front: BOS + the prompt's last two tokens
+    assert full[0]["prompt_ids"][0] == tok.bos_token_id and len(full[0]["prompt_ids"]) > 3
+    assert items[0]["prompt_ids"] == [tok.bos_token_id] + full[0]["prompt_ids"][-2:]
+    assert tok.decode(items[0]["prompt_ids"], skip_special_tokens=True) == "it was"
+    assert counts["truncated_prompts"] == 1
 
 
 def test_unpaired_collator_mismatches_kl_rows(tok):

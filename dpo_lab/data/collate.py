@@ -44,6 +44,14 @@ def render(tokenizer: Any, prompt: Any, completion: Any = None) -> tuple[str, st
     return p, full[len(p) :], True
 
 
+def special_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: the named ones (BOS, EOS, pad, ...) and every added
+    token marked special (chat markers such as ``<|im_start|>``, ``<|eot_id|>``)."""
+    ids = set(tokenizer.all_special_ids)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return ids | {i for i, tok in added.items() if getattr(tok, "special", False)}
+
+
 def _strip_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids[:-1] if eos is not None and ids and ids[-1] == eos else ids
 

@@ -16,11 +16,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dpo_lab.cache import cache_root
-from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_rows
+from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_rows, special_ids
 from dpo_lab.data.sources import PreferenceData
 from dpo_lab.errors import ConfigError, DataError
 
-TOKENIZE_VERSION = 1  # bump when tokenization changes: invalidates cached tokenized data
+# bump when tokenization changes: invalidates cached tokenized data. 2: left truncation keeps the
+# prompt's leading special tokens, and truncated prompts are counted
+TOKENIZE_VERSION = 2
 PAIRED_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 UNPAIRED_FIELDS = ("prompt_ids", "completion_ids")
 
@@ -53,6 +55,23 @@ def _rows_fingerprint(rows: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
+def truncate_prompt(ids: list[int], max_length: int, keep: set[int]) -> list[int]:
+    """The last ``max_length`` prompt tokens, keeping the prompt's leading special tokens.
+
+    A prompt is cut from the left (its end, next to the response, matters most), but its first
+    run of special tokens (BOS, a chat template's opening header token) stays in front: a model
+    trained with BOS must not see prompts without it.
+    """
+    if len(ids) <= max_length:
+        return ids
+    head = 0
+    while head < len(ids) and ids[head] in keep:
+        head += 1
+    if head >= max_length:  # no room for both: the end of the prompt wins
+        return ids[-max_length:]
+    return ids[:head] + ids[len(ids) - (max_length - head) :]
+
+
 def tokenize_rows(
     rows: list[dict[str, Any]],
     tokenizer: Any,
@@ -60,15 +79,17 @@ def tokenize_rows(
     max_length: int,
     max_prompt_length: int,
     batch_size: int = 2048,
-) -> tuple[list[dict[str, Any]], int]:
-    """Tokenized items (paired or unpaired, by the rows' shape) and the count dropped as too long.
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Tokenized items (paired or unpaired, by the rows' shape) and counts of what was cut.
 
-    The prompt is cut from the left to ``max_prompt_length`` tokens (a prompt's end matters
-    most); a row whose prompt plus (longer) completion still exceeds ``max_length`` is dropped and
-    counted, never truncated into a different response.
+    The prompt is cut from the left to ``max_prompt_length`` tokens (``truncate_prompt``: its
+    leading special tokens kept) and counted (``truncated_prompts``); a row whose prompt plus
+    (longer) completion still exceeds ``max_length`` is dropped and counted (``too_long``), never
+    truncated into a different response.
     """
     unpaired = bool(rows) and "completion" in rows[0]
-    items, dropped = [], 0
+    special = special_ids(tokenizer)
+    items, counts = [], {"too_long": 0, "truncated_prompts": 0}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         keys = ("completion",) if unpaired else ("chosen", "rejected")
@@ -76,10 +97,16 @@ def tokenize_rows(
             tokenizer, [r["prompt"] for r in chunk], *[[r[k] for r in chunk] for k in keys]
         )
         for j, row in enumerate(chunk):
-            prompt_ids = prompt_ids_list[j][-max_prompt_length:]
+            prompt_ids = truncate_prompt(prompt_ids_list[j], max_prompt_length, special)
+            counts["truncated_prompts"] += len(prompt_ids) < len(prompt_ids_list[j])
             completions = [c[j] for c in comps]
+            if not all(completions):
+                raise DataError(
+                    f"row {row['id']!r}: a completion has no tokens and the tokenizer has no EOS "
+                    "token to end it with; give the tokenizer an EOS token"
+                )
             if len(prompt_ids) + max(len(c) for c in completions) > max_length:
-                dropped += 1
+                counts["too_long"] += 1
                 continue
             item = {"index": start + j, "id": row["id"], "prompt_ids": prompt_ids}
             if unpaired:
@@ -87,13 +114,15 @@ def tokenize_rows(
             else:
                 item.update(chosen_ids=completions[0], rejected_ids=completions[1])
             items.append(item)
-    return items, dropped
+    return items, counts
 
 
-def _save_items(path: str, items: list[dict[str, Any]], fields: tuple[str, ...], dropped: int):
+def _save_items(
+    path: str, items: list[dict[str, Any]], fields: tuple[str, ...], counts: dict[str, int]
+):
     arrays: dict[str, np.ndarray] = {
         "index": np.array([it["index"] for it in items], dtype=np.int64),
-        "dropped": np.array([dropped]),
+        **{f"count_{k}": np.array([v]) for k, v in counts.items()},
     }
     for f in fields:
         seqs = [it[f] for it in items]
@@ -118,7 +147,8 @@ def _load_items(path: str, rows: list[dict[str, Any]], fields: tuple[str, ...]):
         if "completion_ids" in fields:
             item["desirable"] = rows[i]["desirable"]
         items.append(item)
-    return items, int(z["dropped"][0])
+    counts = {k[len("count_") :]: int(z[k][0]) for k in z.files if k.startswith("count_")}
+    return items, counts
 
 
 def tokenize_cached(
@@ -128,10 +158,10 @@ def tokenize_cached(
     max_length: int,
     max_prompt_length: int,
     cache: bool = True,
-) -> tuple[list[dict[str, Any]], int, bool]:
+) -> tuple[list[dict[str, Any]], dict[str, int], bool]:
     """``tokenize_rows`` behind a cache keyed by the rows, the tokenizer and the settings.
 
-    Returns (items, dropped, hit). The cache lives in ``<cache root>/tokenized``, so a second run,
+    Returns (items, counts, hit). The cache lives in ``<cache root>/tokenized``, so a second run,
     or every job of a sweep over losses or β, skips tokenization.
     """
     kw = dict(max_length=max_length, max_prompt_length=max_prompt_length)
@@ -150,10 +180,10 @@ def tokenize_cached(
             return (*_load_items(str(path), rows, fields), True)
         except (OSError, ValueError, KeyError):
             pass  # unreadable (e.g. an older format): tokenize again and overwrite
-    items, dropped = tokenize_rows(rows, tokenizer, **kw)
+    items, counts = tokenize_rows(rows, tokenizer, **kw)
     root.mkdir(parents=True, exist_ok=True)
-    _save_items(str(path), items, fields, dropped)
-    return items, dropped, False
+    _save_items(str(path), items, fields, counts)
+    return items, counts, False
 
 
 def split_pairs(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -344,9 +374,10 @@ class PreferenceDataModule(L.LightningDataModule):
         self.collate = PreferenceCollator(tokenizer.pad_token_id)
         self.loader_collate = UnpairedCollator(tokenizer.pad_token_id) if unpaired else self.collate
         kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, cache=cache)
-        self.train_items, drop_train, hit_train = tokenize_cached(data.train, tokenizer, **kw)
-        self.val_items, drop_val, hit_val = tokenize_cached(data.val, tokenizer, **kw)
-        self.dropped_too_long = {"train": drop_train, "val": drop_val}
+        self.train_items, counts_train, hit_train = tokenize_cached(data.train, tokenizer, **kw)
+        self.val_items, counts_val, hit_val = tokenize_cached(data.val, tokenizer, **kw)
+        self.counts = {"train": counts_train, "val": counts_val}
+        self.dropped_too_long = {s: c["too_long"] for s, c in self.counts.items()}
         self.cache_hits = {"train": hit_train, "val": hit_val}
         if not self.train_items or not self.val_items:
             raise DataError(
@@ -361,6 +392,31 @@ class PreferenceDataModule(L.LightningDataModule):
     @property
     def reward_fn(self):
         return self.data.reward_fn
+
+    def stats(self) -> dict[str, int]:
+        """``data/*`` counts (README metrics table): rows skipped, dropped and cut, per split."""
+        out = {f"data/dropped_too_long/{s}": c["too_long"] for s, c in self.counts.items()}
+        out |= {
+            f"data/truncated_prompts/{s}": c["truncated_prompts"] for s, c in self.counts.items()
+        }
+        out |= {f"data/{k}": v for k, v in self.data.stats.items()}
+        return out
+
+    def probe_true_margins(self) -> torch.Tensor | None:
+        """r(chosen) − r(rejected) of the probe pairs under the task's true reward, where the
+        data has one and it tells some pair apart."""
+        if self.data.reward_fn is None or not self.probe_items:
+            return None
+        rows = {r["id"]: r for r in self.data.val}
+        r = self.data.reward_fn
+        margins = [
+            r(rows[it["id"]]["prompt"], rows[it["id"]]["chosen"])
+            - r(rows[it["id"]]["prompt"], rows[it["id"]]["rejected"])
+            for it in self.probe_items
+        ]
+        if not any(m != 0 for m in margins):
+            return None
+        return torch.tensor(margins, dtype=torch.float64)
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)

@@ -56,13 +56,23 @@ def detect_format(row: Mapping[str, Any], where: str) -> str:
     )
 
 
-def _text(row: Mapping[str, Any], key: str) -> str:
+def _text(row: Mapping[str, Any], key: str, *, response: bool = False) -> str:
+    """The string in ``row[key]``. A response may be empty (its completion is then the end
+    token alone, as in TRL: real data has them, e.g. 4 of hh-rlhf's 2,312 harmless-base test
+    rows); a prompt may not."""
     v = row[key]
     if not isinstance(v, str):
         raise RowError(f"{key!r} must be a string, got {type(v).__name__} {v!r:.60}")
-    if not v.strip():
+    if not response and not v.strip():
         raise RowError(f"{key!r} is empty")
     return v
+
+
+def is_empty_response(response: Any) -> bool:
+    """A response with no text: an empty or blank string, or messages with no content."""
+    if isinstance(response, str):
+        return not response.strip()
+    return all(not m["content"].strip() for m in response)
 
 
 def _messages(v: Any, key: str) -> list[dict[str, str]]:
@@ -97,10 +107,7 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     if cut == -1:
         raise RowError(f"no shared {ASSISTANT.strip()!r} turn to split the prompt at")
     end = cut + len(ASSISTANT)
-    prompt, c, r = chosen[:end], chosen[end:], rejected[end:]
-    if not c.strip() or not r.strip():
-        raise RowError("an empty response after the last shared 'Assistant:' turn")
-    return prompt, c, r
+    return chosen[:end], chosen[end:], rejected[end:]  # a response may be empty
 
 
 def normalize(row: Mapping[str, Any], fmt: str) -> dict[str, Any]:
@@ -122,17 +129,19 @@ def normalize(row: Mapping[str, Any], fmt: str) -> dict[str, Any]:
         return {
             **meta,
             "prompt": _text(row, "prompt"),
-            "completion": _text(row, "completion"),
+            "completion": _text(row, "completion", response=True),
             "desirable": bool(label),
         }
     if fmt == "explicit":
         prompt, chosen, rejected = (
             _text(row, "prompt"),
-            _text(row, "chosen"),
-            _text(row, "rejected"),
+            _text(row, "chosen", response=True),
+            _text(row, "rejected", response=True),
         )
     elif fmt == "implicit":
-        prompt, chosen, rejected = split_hh(_text(row, "chosen"), _text(row, "rejected"))
+        prompt, chosen, rejected = split_hh(
+            _text(row, "chosen", response=True), _text(row, "rejected", response=True)
+        )
     else:  # conversational
         chosen, rejected = (
             _messages(row["chosen"], "chosen"),
@@ -186,7 +195,8 @@ def prepare(
         seed: seeds the label flips.
 
     Pairs whose chosen and rejected are identical carry no preference: they are always skipped,
-    counted and warned about.
+    counted and warned about. Empty responses are valid (trained as the end token alone) and
+    counted (``empty_responses``).
     """
     if format not in FORMATS:
         raise ConfigError(f"dataset.format={format!r}: expected one of {', '.join(FORMATS)}")
@@ -207,7 +217,7 @@ def prepare(
             if first is None:
                 raise DataError(f"{split}: no readable rows")
             fmt = detect_format(first, first.get("_where", f"{split} row 0"))
-        out, bad, identical, first_bad = [], 0, 0, None
+        out, bad, identical, empty, first_bad = [], 0, 0, 0, None
         for i, row in enumerate(rows):
             where = row.get("_where", f"{split} row {i}")
             try:
@@ -222,6 +232,10 @@ def prepare(
             if fmt != "unpaired" and norm["chosen"] == norm["rejected"]:
                 identical += 1
                 continue
+            responses = (
+                [norm["completion"]] if fmt == "unpaired" else [norm["chosen"], norm["rejected"]]
+            )
+            empty += any(is_empty_response(r) for r in responses)
             norm.setdefault("id", f"{split}-{i}")
             norm["id"] = str(norm["id"])
             out.append(norm)
@@ -235,6 +249,7 @@ def prepare(
             )
         stats[f"skipped_bad_rows/{split}"] = bad
         stats[f"skipped_identical/{split}"] = identical
+        stats[f"empty_responses/{split}"] = empty  # kept: trained as the end token alone
         splits[split] = out
     train, val = splits["train"], splits["val"]
     if max_samples is not None:
