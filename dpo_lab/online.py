@@ -2,7 +2,8 @@
 
 At every training step, for each prompt of the batch, ``OnlinePairs`` samples K completions from
 the current policy (batched generation with a KV cache, temperature/top-p configurable, cut at
-EOS or ``max_new_tokens``), scores them with a judge, and forms pairs, the higher score as chosen:
+the model's end tokens or ``max_new_tokens``), scores them with a judge, and forms pairs, the
+higher score as chosen:
 ``best_worst`` (one pair per prompt) or ``all`` (every pair with different scores). Prompts whose
 K samples all score the same give no pair and are counted. The pairs then go through the same
 paired losses as offline data (DPO, IPO, ...).
@@ -25,8 +26,8 @@ import torch
 
 from dpo_lab.data.collate import PreferenceCollator, pad_sequences
 from dpo_lab.errors import ConfigError
-from dpo_lab.evaluation import generate
 from dpo_lab.logps import completion_logps
+from dpo_lab.sampling import generate, stop_token_ids
 
 PAIRINGS = ("best_worst", "all")
 
@@ -135,25 +136,47 @@ class OnlinePairs:
         self.k, self.pairing = samples_per_prompt, pairs
         self.gen = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         self.collate = PreferenceCollator(tokenizer.pad_token_id)
+        self.pairs_total = 0  # pairs trained on so far (checkpointed)
+        self._last_call: float | None = None  # when the previous step's generation started
+        self._last_gen_seconds = 0.0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"pairs_total": self.pairs_total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.pairs_total = int(state.get("pairs_total", 0))
 
     def __call__(
         self, policy: torch.nn.Module, reference: torch.nn.Module | None, batch: dict[str, Any]
     ) -> tuple[dict[str, Any] | None, dict[str, float]]:
         """(paired batch on the policy's device or None if every prompt tied, metrics)."""
         t0 = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if self._last_call is not None:  # the previous step's share of wall time generating
+            metrics["online/gen_time_share"] = self._last_gen_seconds / (t0 - self._last_call)
+        self._last_call = t0
         prompts = [self.prompts[i] for i in batch["index"].tolist()]
         repeated = [p for p in prompts for _ in range(self.k)]
-        gens = generate(policy, self.tokenizer, repeated, batch_size=len(repeated), **self.gen)
-        gen_seconds = time.perf_counter() - t0
+        gens = generate(
+            policy,
+            self.tokenizer,
+            repeated,
+            batch_size=len(repeated),
+            stop=stop_token_ids(policy, self.tokenizer),
+            **self.gen,
+        )
+        gen_seconds = self._last_gen_seconds = time.perf_counter() - t0
         scores = self.judge(repeated, gens.texts)
         pairs = form_pairs(scores, self.k, self.pairing)
         device = next(policy.parameters()).device
-        metrics = {
+        self.pairs_total += len(pairs)
+        metrics |= {
             "online/score": sum(scores) / len(scores),
             "online/sample_length": sum(map(len, gens.completion_ids)) / len(gens.completion_ids),
             "online/pairs": float(len(pairs)),
             "online/tied_prompts": float(len(prompts) - len({c // self.k for c, _ in pairs})),
             "online/gen_seconds": gen_seconds,
+            "online/pairs_total": float(self.pairs_total),
         }
         if pairs:
             metrics["online/score_margin"] = sum(scores[c] - scores[r] for c, r in pairs) / len(

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dpo_lab.errors import ConfigError
-from dpo_lab.evaluation import generate
 from dpo_lab.online import RewardModelJudge, as_judge, form_pairs
+from dpo_lab.sampling import generate, stop_token_ids
 from dpo_lab.tasks.sentiment import build_tokenizer
 from dpo_lab.train import build, check_config
 
@@ -39,6 +39,40 @@ def test_generation_respects_eos_and_max_tokens():
             assert c.index(tok.eos_token_id) == len(c) - 1  # nothing after EOS
         else:
             assert len(c) == 7  # only the cap ends a completion without EOS
+
+
+def test_generation_stops_at_every_end_token_the_model_declares():
+    """A model whose generation_config declares two end tokens (as Llama 3 declares three), and a
+    chat template whose turns end with their own token: sampling stops at any of them."""
+    from conftest import tiny_llama
+
+    tok = build_tokenizer()
+    model = tiny_llama(vocab=len(tok), seed=1)
+    second = tok.convert_tokens_to_ids("great")  # stands in for an <|eot_id|>
+    head = torch.nn.Linear(model.config.hidden_size, len(tok), bias=True)
+    with torch.no_grad():  # every sample is the second end token, again and again
+        head.weight.zero_()
+        head.bias.fill_(-30.0)
+        head.bias[second] = 30.0
+    model.lm_head = head
+    model.generation_config.eos_token_id = [tok.eos_token_id, second]
+    assert stop_token_ids(model, tok) == [tok.eos_token_id, second]
+    torch.manual_seed(0)
+    gens = generate(model, tok, ["moonrise was"] * 8, max_new_tokens=6)
+    assert gens.completion_ids == [[second]] * 8  # cut after the first end token
+    torch.manual_seed(0)  # with the tokenizer's EOS alone it would run on to the cap
+    only_eos = generate(model, tok, ["moonrise was"] * 8, max_new_tokens=6, stop=[tok.eos_token_id])
+    assert all(len(c) == 6 for c in only_eos.completion_ids)
+
+    chat = build_tokenizer()
+    chat.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    chat.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    model.generation_config.eos_token_id = tok.eos_token_id
+    end = chat.convert_tokens_to_ids("<|end|>")
+    assert stop_token_ids(model, chat) == [chat.eos_token_id, end]
 
 
 def test_reward_model_judge_from_a_local_random_init_model(tmp_path):
