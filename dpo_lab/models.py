@@ -126,6 +126,8 @@ def build_models(
         trust_remote_code=model_cfg["trust_remote_code"],
     )
     tokenizer, policy = load_model(path, dtype=model_cfg["dtype"], **kw)
+    if model_cfg.get("disable_dropout", True):  # before LoRA: its own dropout is its setting
+        disable_dropout(policy)
     ref_name, ref_dtype = reference_cfg.get("name_or_path"), reference_cfg.get("dtype")
     if not needs_reference and (ref_name or ref_dtype):
         raise ConfigError(
@@ -161,6 +163,28 @@ def build_models(
     if model_cfg.get("gradient_checkpointing"):  # the policy only: the reference keeps none
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return tokenizer, policy, reference
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Switch off dropout in ``model`` (``model.disable_dropout``, TRL's default); returns how
+    many dropout sites it zeroed.
+
+    The reference runs in eval mode, so a policy trained with dropout on is compared with its
+    reference under different noise: its log-ratios are noisy even at step 0. Every
+    ``nn.Dropout`` gets p = 0, and so does every float attribute named ``*dropout*`` that a
+    module applies functionally (attention dropout in Llama, Qwen2, GPT-NeoX, ...). The model's
+    config is left as it was, so a saved model keeps its own settings.
+    """
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p, n = 0.0, n + (module.p > 0)
+            continue
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, 0.0)
+                n += value > 0
+    return n
 
 
 def keep_trainable(policy: Any, trainable_dtype: str | None, dtype: str) -> None:
