@@ -6,12 +6,14 @@
 - ``SaveOnInterrupt`` saves ``last.ckpt`` when a run is stopped by Ctrl-C or SIGTERM (a scheduler's
   preemption), never after a failure such as a non-finite loss: a bad step must not become the
   checkpoint a run resumes from.
+- ``MetricsRowsAtCheckpoint``: after a resume, ``metrics.csv`` holds each logged row once.
 - ``rng_state``/``set_rng_state``: Python, NumPy and torch (CPU, CUDA) generators, stored in every
   checkpoint by ``PreferenceModule``.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 from pathlib import Path
@@ -74,7 +76,7 @@ class SaveOnInterrupt(L.Callback):
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
 
 
 class SaveFinalState(L.Callback):
@@ -93,13 +95,52 @@ class SaveFinalState(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if 0 < trainer.max_steps <= trainer.global_step and self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
             self.saved_step = trainer.global_step
 
     def save_after_fit(self, trainer: L.Trainer) -> None:
         if self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
             self.saved_step = trainer.global_step
+
+
+class MetricsRowsAtCheckpoint(L.Callback):
+    """After a resume, ``metrics.csv`` holds each logged row once.
+
+    A run killed after its last checkpoint has logged rows the resumed run logs again. Every
+    checkpoint records how many rows the file held when it was written (it is flushed at every
+    log) and the step; on resume, the file keeps those rows, plus the rows written after the
+    checkpoint for steps before it (Lightning logs a step's training row just after that step's
+    checkpoint, and the resumed run starts at the next step), and drops the rest.
+    """
+
+    KEY = "dpo_lab_metrics_csv"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
+        rows = 0
+        if trainer.is_global_zero and self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = sum(1 for _ in csv.DictReader(f))
+        checkpoint[self.KEY] = {"rows": rows, "step": trainer.global_step}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
+        state = checkpoint.get(self.KEY)
+        if state is None or not trainer.is_global_zero or not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows, keys = list(reader), list(reader.fieldnames or [])
+        n, step = state["rows"], state["step"]
+        keep = rows[:n] + [r for r in rows[n:] if r.get("step") and int(r["step"]) < step]
+        if len(keep) == len(rows):
+            return
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(keep)
 
 
 def rng_state() -> dict[str, Any]:

@@ -7,6 +7,7 @@ thin Hydra wrapper that turns user mistakes into one-line errors and returns the
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import logging
 import sys
@@ -20,8 +21,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,14 +31,21 @@ from dpo_lab.data.formats import prepare
 from dpo_lab.data.sources import PreferenceData
 from dpo_lab.errors import ConfigError, DpoLabError
 from dpo_lab.evaluation import evaluate
-from dpo_lab.faults import AtomicCheckpointIO, SaveFinalState, SaveOnInterrupt, resolve_resume
+from dpo_lab.faults import (
+    AtomicCheckpointIO,
+    MetricsRowsAtCheckpoint,
+    SaveFinalState,
+    SaveOnInterrupt,
+    resolve_resume,
+)
 from dpo_lab.loggers import log_wandb_media
 from dpo_lab.lora import PeftReference, is_peft
 from dpo_lab.losses import LossSpec, bind_loss_kwargs, get_loss
 from dpo_lab.models import build_models, load_model, resolve_name_or_path, save_final
 from dpo_lab.module import PreferenceModule
 from dpo_lab.online import OnlinePairs, TaskRewardJudge
-from dpo_lab.refcache import PrecomputedReference
+from dpo_lab.refcache import precompute
+from dpo_lab.reference import LiveReference
 
 log = logging.getLogger("dpo_lab")
 
@@ -60,9 +67,28 @@ if not OmegaConf.has_resolver("dpo_lab_short"):
     OmegaConf.register_new_resolver("dpo_lab_short", short_name)
 
 # Expected here, not a user's concern: the frozen reference is in eval mode during fit, and the
-# run dir already holds Hydra's files when the CSV logger starts.
+# run dir already holds Hydra's files when the CSV logger starts. Lightning's own deprecation
+# of its pytree use and its advertising tips are library noise on every run; real warnings show.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+class _NoTips(logging.Filter):
+    """Lightning's informational lines that say nothing about this run."""
+
+    NOISE = (
+        "💡 Tip",  # advertising (litlogger, litmodels)
+        "`Trainer(val_check_interval=1.0)` was configured",  # the default, restated
+        "Loading `train_dataloader` to estimate number of stepping batches",  # the LR schedule
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.NOISE)
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_NoTips())
 
 
 def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
@@ -72,6 +98,13 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
         k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k != "name"
     }
     takes_beta = "beta" in spec.params
+    own = OmegaConf.to_container(cfg.loss, resolve=False).get("beta")
+    if takes_beta and own != "${beta}" and kwargs.get("beta") != cfg.beta:
+        # one source of truth: summary.json, W&B and the closed-form oracle all read `beta`
+        raise ConfigError(
+            f"loss.beta={kwargs.get('beta')!r} differs from beta={cfg.beta!r}; set β with the "
+            f"top-level key (beta={kwargs.get('beta')}), which every loss and report reads"
+        )
     if takes_beta:
         beta = cfg.beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
@@ -160,14 +193,23 @@ class Run:
     tokenizer: Any
     datamodule: PreferenceDataModule
     module: PreferenceModule
-    probe: DisplacementProbe | None
     loggers: list[Any]
     trainer: L.Trainer
     ckpt_path: str | None = None  # the checkpoint this run resumes from
 
+    @property
+    def probe(self) -> DisplacementProbe | None:
+        """The displacement probe, when the run has one that is on (paired data)."""
+        probe = next((c for c in self.trainer.callbacks if isinstance(c, DisplacementProbe)), None)
+        return probe if probe is not None and self.datamodule.probe_items else None
+
 
 def build(cfg: DictConfig) -> Run:
-    """Check ``cfg`` and build data, models, module, callbacks, loggers and trainer."""
+    """Every piece of one run, in the order the run needs them.
+
+    config → models → data → loggers, callbacks, trainer → the reference (live, or scored once
+    here and freed: ``reference.precompute``) → the module.
+    """
     spec, loss_kwargs = check_config(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,9 +219,9 @@ def build(cfg: DictConfig) -> Run:
     # The model first: a wrong path fails before any data is read or built.
     source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
     path = resolve_name_or_path(cfg.model.name_or_path, source)
-    # The reference: the policy's starting point unless named; a reference-free loss never
-    # builds one; under LoRA it is the policy's base with the adapters off (no second copy).
-    tokenizer, policy, reference = build_models(
+    # The reference model: the policy's starting point unless named; none for a reference-free
+    # loss; under LoRA the policy's base with the adapters off (no second copy).
+    tokenizer, policy, reference_model = build_models(
         OmegaConf.to_container(cfg.model, resolve=True),
         OmegaConf.to_container(cfg.reference, resolve=True),
         path,
@@ -188,7 +230,53 @@ def build(cfg: DictConfig) -> Run:
     )
     if cfg.model.chat_template:
         tokenizer.chat_template = read_chat_template(cfg.model.chat_template)
+    data, datamodule = build_data(cfg, tokenizer, unpaired=spec.data == "unpaired")
 
+    ckpt_path = resolve_resume(cfg.resume, out)
+    loggers = build_loggers(cfg, out, datamodule, resuming=ckpt_path is not None)
+    trainer = build_trainer(cfg, loggers, build_callbacks(cfg, data, tokenizer, spec, loggers))
+
+    reference = None
+    if cfg.reference.precompute:  # score every pair once; then train without the reference model
+        reference = precompute(
+            reference_model,
+            datamodule,
+            device=trainer.strategy.root_device,
+            precision=str(trainer.precision),
+            forward_context=trainer.precision_plugin.forward_context,
+            out_dir=out,
+            cache_path=cfg.reference.cache_path,
+            batch_size=cfg.reference.batch_size,
+            logps_kwargs=OmegaConf.to_container(cfg.logps),
+            write=trainer.is_global_zero,
+        )
+        del reference_model  # freed (a LoRA base stays: it is the policy's own weights)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    elif reference_model is not None:
+        reference = LiveReference(reference_model, OmegaConf.to_container(cfg.logps))
+
+    scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None
+    module = PreferenceModule(
+        policy,
+        reference,
+        spec,
+        loss_kwargs,
+        instantiate(cfg.optim.optimizer),
+        scheduler,
+        logps_kwargs=OmegaConf.to_container(cfg.logps),
+        online=_online(cfg, data, tokenizer) if cfg.algo.name == "online" else None,
+    )
+    return Run(
+        cfg, out, spec, data, path, tokenizer, datamodule, module, loggers, trainer, ckpt_path
+    )
+
+
+def build_data(
+    cfg: DictConfig, tokenizer: Any, *, unpaired: bool
+) -> tuple[PreferenceData, PreferenceDataModule]:
+    """The dataset source, normalized (``prepare``) and tokenized (``PreferenceDataModule``)."""
     raw = instantiate(cfg.dataset.source)
     if not isinstance(raw, PreferenceData):
         raise ConfigError(
@@ -204,7 +292,7 @@ def build(cfg: DictConfig) -> Run:
         max_samples=cfg.dataset.max_samples,
         seed=cfg.dataset.seed,
     )
-    dm = PreferenceDataModule(
+    datamodule = PreferenceDataModule(
         data,
         tokenizer,
         batch_size=cfg.dataset.batch_size,
@@ -214,97 +302,85 @@ def build(cfg: DictConfig) -> Run:
         probe_size=cfg.probe.size,
         seed=cfg.seed,
         num_workers=cfg.dataset.num_workers,
-        unpaired=spec.data == "unpaired",
+        unpaired=unpaired,
         group_by_length=cfg.dataset.group_by_length,
         cache=cfg.dataset.cache_tokenized,
     )
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    on_nonfinite = trainer_cfg.pop("on_nonfinite")  # ours, not a lightning.Trainer argument
-    scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None
-    online = _online(cfg, data, tokenizer) if cfg.algo.name == "online" else None
-    module = PreferenceModule(
-        policy,
-        reference,
-        spec,
-        loss_kwargs,
-        instantiate(cfg.optim.optimizer),
-        scheduler,
-        logps_kwargs=OmegaConf.to_container(cfg.logps),
-        on_nonfinite=on_nonfinite,
-        online=online,
-    )
-    ckpt_path = resolve_resume(cfg.resume, out)
+    return data, datamodule
+
+
+def build_loggers(
+    cfg: DictConfig, out: Path, datamodule: PreferenceDataModule, *, resuming: bool
+) -> list[Any]:
+    """The ``logger`` group's loggers, with the config and (on a fresh start) the data counts."""
+    loggers = [_logger(name, c, out, resuming) for name, c in cfg.logger.items()]
+    for lg in loggers:
+        lg.log_hyperparams(flat_config(cfg))
+        if not resuming:  # a resumed run logged them at its start: once per run
+            lg.log_metrics(datamodule.stats(), 0)
+    return loggers
+
+
+def build_callbacks(
+    cfg: DictConfig, data: PreferenceData, tokenizer: Any, spec: LossSpec, loggers: list[Any]
+) -> list[Any]:
+    """The ``callbacks`` group (conf/callbacks/), in its order, plus the dataset's own checks.
+
+    ``~callbacks.<name>`` (or ``callbacks.<name>=null``) removes one; ``trainer.enable_checkpointing
+    =false`` drops the checkpointing ones and ``trainer.enable_progress_bar=false`` the bar, as a
+    Lightning user expects of those flags.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+
+    checkpointing = cfg.trainer.get("enable_checkpointing", True)
+    progress = cfg.trainer.get("enable_progress_bar", True)
     callbacks: list[Any] = []
-    if trainer_cfg.get("enable_checkpointing", True):
-        ckpt_dir = out / "checkpoints"
-        callbacks += [
-            ModelCheckpoint(
-                dirpath=ckpt_dir,
-                save_top_k=0,
-                save_last=True,
-                every_n_train_steps=cfg.checkpoint.every_n_steps or 0,
-                enable_version_counter=False,
-            ),
-            SaveOnInterrupt(ckpt_dir),
-            SaveFinalState(ckpt_dir),
-        ]
-    if cfg.reference.precompute:  # before the probe: it frees the reference at fit start
-        callbacks.append(
-            PrecomputedReference(out, cfg.reference.cache_path, cfg.reference.batch_size)
-        )
-    probe = None
-    if dm.probe_items:
-        ids = [it["id"] for it in dm.probe_items]
-        probe = DisplacementProbe(
-            dm.probe_batch(), ids, cfg.probe.every_n_steps, out, _true_margins(data, ids)
-        )
-        callbacks.append(probe)
-    else:
-        log.warning("unpaired data has no pairs: the displacement probe is off for this run")
+    for name, c in (cfg.get("callbacks") or {}).items():
+        if c is None:
+            continue
+        if not isinstance(c, DictConfig) or "_target_" not in c:
+            raise ConfigError(f"callbacks.{name}: expected a mapping with a _target_, got {c!r}")
+        try:
+            cb = instantiate(c)
+        except Exception as e:  # Hydra wraps the real cause: show it in one line
+            if isinstance(e.__cause__, DpoLabError):
+                raise e.__cause__ from None
+            raise ConfigError(
+                f"callbacks.{name}: could not instantiate {c._target_} ({e})"
+            ) from None
+        if not checkpointing and isinstance(cb, (ModelCheckpoint, SaveOnInterrupt, SaveFinalState)):
+            continue
+        if not progress and isinstance(cb, ProgressBar):
+            continue
+        callbacks.append(cb)
+    if checkpointing and any(isinstance(lg, CSVLogger) for lg in loggers):
+        callbacks.append(MetricsRowsAtCheckpoint(Path(cfg.output_dir) / "metrics.csv"))
     if getattr(data.oracle, "callback", None) is not None:  # a task's own exact checks
         extra = data.oracle.callback(
             tokenizer=tokenizer,
             beta=cfg.beta if "beta" in spec.params else None,
             every_n_steps=cfg.probe.every_n_steps,
-            out_dir=out,
+            out_dir=Path(cfg.output_dir),
         )
         if extra is not None:
             callbacks.append(extra)
-    resuming = ckpt_path is not None
-    loggers = [_logger(name, c, out, resuming) for name, c in cfg.logger.items()]
-    hparams = flat_config(cfg)
-    data_stats = {f"data/dropped_too_long/{k}": v for k, v in dm.dropped_too_long.items()}
-    data_stats.update({f"data/{k}": v for k, v in data.stats.items()})
-    for lg in loggers:
-        lg.log_hyperparams(hparams)
-        lg.log_metrics(data_stats, 0)
-    trainer = instantiate(
-        trainer_cfg,
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> L.Trainer:
+    """``lightning.Trainer`` from the ``trainer`` group; callbacks come from their own group."""
+    if "callbacks" in cfg.trainer:
+        raise ConfigError(
+            "trainer.callbacks: callbacks have their own group; add one with "
+            "+callbacks.<name>._target_=<class> (see conf/callbacks/default.yaml)"
+        )
+    return instantiate(
+        cfg.trainer,
         logger=loggers,
         callbacks=callbacks,
-        default_root_dir=str(out),
+        default_root_dir=str(cfg.output_dir),
         plugins=[AtomicCheckpointIO()],
     )
-    return Run(
-        cfg, out, spec, data, path, tokenizer, dm, module, probe, loggers, trainer, ckpt_path
-    )
-
-
-def _true_margins(data: PreferenceData, ids: list[str]) -> torch.Tensor | None:
-    """r(chosen) − r(rejected) of the probe pairs under the task's true reward, if it has one."""
-    if data.reward_fn is None:
-        return None
-    rows = {r["id"]: r for r in data.val}
-    margins = []
-    for i in ids:
-        r = rows[i]
-        margins.append(
-            data.reward_fn(r["prompt"], r["chosen"]) - data.reward_fn(r["prompt"], r["rejected"])
-        )
-    known = [m for m in margins if m != 0]
-    if not known:
-        return None
-    return torch.tensor(margins, dtype=torch.float64)
 
 
 def _online(cfg: DictConfig, data: PreferenceData, tokenizer: Any) -> OnlinePairs:
@@ -373,13 +449,29 @@ def _logger(name: str, c: DictConfig, out: Path, resuming: bool) -> Any:
     return lg
 
 
-def _load(cfg: DictConfig, path: str) -> tuple[Any, Any]:
+def _load(cfg: DictConfig, path: str, dtype: str | None = None) -> tuple[Any, Any]:
     return load_model(
         path,
-        dtype=cfg.model.dtype,
+        dtype=dtype or cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
     )
+
+
+def _eval_reference(run: Run) -> Any:
+    """The model the end-of-run evaluation samples as the reference: the training reference where
+    one is alive; under LoRA the base with adapters off; else (a reference-free loss, or a
+    precomputed reference, freed before training) the same reference loaded again."""
+    cfg, module = run.cfg, run.module
+    if module.reference is not None and module.reference.model is not None:
+        return module.reference.model
+    if is_peft(module.policy):
+        return PeftReference(module.policy)
+    if cfg.reference.name_or_path:
+        source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
+        path = resolve_name_or_path(cfg.reference.name_or_path, source)
+        return _load(cfg, path, cfg.reference.dtype)[1].eval()
+    return _load(cfg, run.model_path, cfg.reference.dtype)[1].eval()
 
 
 def finish(run: Run, t0: float) -> dict[str, Any]:
@@ -403,15 +495,11 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
     if run.probe is not None:
         summary.update(run.probe.last_metrics)  # the final policy's probe numbers
     if module.online is not None:
-        summary["online/pairs_total"] = module.online_pairs_total
+        summary["online/pairs_total"] = module.online.pairs_total
 
     rows: list[dict[str, Any]] | None = None
     if cfg.eval.num_prompts > 0:
-        eval_reference = module.reference
-        if eval_reference is None and is_peft(module.policy):  # LoRA: the base, adapters off
-            eval_reference = PeftReference(module.policy)
-        elif eval_reference is None:  # reference-free loss: load the starting point for eval
-            eval_reference = _load(cfg, run.model_path)[1]
+        eval_reference = _eval_reference(run)
         eval_reference.to(module.device)
         prompts = [r["prompt"] for r in run.data.val[: cfg.eval.num_prompts]]
         metrics, rows = evaluate(
@@ -453,7 +541,11 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment described by ``cfg``; return the summary (also written to the run dir)."""
+    """Run one experiment described by ``cfg``; return the summary (also written to the run dir).
+
+    build (config, models, data, loggers, callbacks, trainer; the reference, precomputed here if
+    asked; the module) → fit → the final checkpoint → evaluate, save ``final/``, summarize.
+    """
     t0 = time.time()
     run = build(cfg)
     if run.ckpt_path:

@@ -17,6 +17,7 @@ import torch
 from conftest import SMALL
 from safetensors.torch import load_file
 
+from dpo_lab.callbacks import NonFiniteGuard
 from dpo_lab.errors import ConfigError, NonFiniteError
 from dpo_lab.faults import AtomicCheckpointIO
 from dpo_lab.train import build, train
@@ -48,11 +49,14 @@ RUN = [
 ]
 
 
-def drive(tmp_path: Path, out: Path, kill_at: int, sig: str) -> subprocess.CompletedProcess:
+def drive(
+    tmp_path: Path, out: Path, kill_at: int, sig: str, extra: list[str] = ()
+) -> subprocess.CompletedProcess:
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
+    overrides = json.dumps([*RUN, *extra, f"output_dir={out}"])
     return subprocess.run(
-        [sys.executable, str(script), json.dumps([*RUN, f"output_dir={out}"]), str(kill_at), sig],
+        [sys.executable, str(script), overrides, str(kill_at), sig],
         capture_output=True,
         text=True,
         timeout=300,
@@ -86,21 +90,48 @@ def test_a_run_ended_by_max_steps_mid_epoch_extends_exactly(tmp_path):
     assert losses_by_step(whole) == losses_by_step(extended)
 
 
+# measured per run, not reproducible: compared for presence only
+TIMING = {"train/tokens_per_sec", "train/examples_per_sec", "train/peak_memory_mib"}
+
+
+def metric_rows(out: Path) -> list[tuple]:
+    """metrics.csv as a sorted list of rows (step, then every logged key and value)."""
+    with open(out / "metrics.csv") as f:
+        rows = [
+            tuple(sorted((k, "~" if k in TIMING else v) for k, v in r.items() if v != ""))
+            for r in csv.DictReader(f)
+        ]
+    return sorted(rows)
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, cfg_factory):
+@pytest.mark.parametrize("every, kill_at", [(2, 5), (4, 7)])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, every, kill_at):
+    """Killed after its last checkpoint (step 4), resumed: the same weights, and metrics.csv and
+    probe.csv hold each row once, as if never interrupted (with a checkpoint every 4 steps, the
+    killed run had logged steps 4 and 5 and probed step 6 after its checkpoint)."""
     from conftest import make_cfg
 
+    run = [*RUN[len(SMALL) :], f"checkpoint.every_n_steps={every}"]
     whole = tmp_path / "whole"
-    train(make_cfg(whole, *RUN[len(SMALL) :]))
+    train(make_cfg(whole, *run))
 
     killed = tmp_path / "killed"
-    proc = drive(tmp_path, killed, kill_at=5, sig="SIGKILL")
+    proc = drive(
+        tmp_path,
+        killed,
+        kill_at=kill_at,
+        sig="SIGKILL",
+        extra=[f"checkpoint.every_n_steps={every}"],
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     ckpt = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4  # the last checkpoint before the kill
     assert not any(k.startswith("reference.") for k in ckpt["state_dict"])
+    logged = {int(r["step"]) for r in csv.DictReader(open(killed / "metrics.csv"))}
+    assert max(logged) == kill_at - 1  # the probe logged the step before the kill
 
-    summary = train(make_cfg(killed, *RUN[len(SMALL) :], "resume=auto"))
+    summary = train(make_cfg(killed, *run, "resume=auto"))
     assert summary["steps"] == 8
     a, b = (
         load_file(whole / "final" / "model.safetensors"),
@@ -112,6 +143,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, cfg_factory):
     la, lb = losses_by_step(whole), losses_by_step(killed)
     assert sorted(la) == sorted(lb) == list(range(8))
     assert la == lb
+    # metrics.csv: every row once, the same rows (and values) as the uninterrupted run's
+    assert metric_rows(killed) == metric_rows(whole)
     # the probe table has each step once, as if never interrupted
     steps = [int(r["step"]) for r in csv.DictReader(open(killed / "probe.csv"))]
     assert sorted(set(steps)) == [0, 2, 4, 6, 8] and len(steps) == 5 * 16
@@ -161,7 +194,7 @@ def test_nonfinite_loss_stops_with_step_and_examples(cfg_factory):
     with pytest.raises(
         NonFiniteError,
         match=r"non-finite loss nan at step 1 \(batch examples: "
-        r"train-\d+, .*trainer.on_nonfinite=skip",
+        r"train-\d+, .*callbacks.nonfinite_guard.mode=skip",
     ):
         run.trainer.fit(run.module, datamodule=run.datamodule)
 
@@ -172,13 +205,14 @@ def test_nonfinite_skip_mode_completes_and_counts(cfg_factory):
         cfg_factory(
             "trainer.max_steps=3",
             "eval.num_prompts=0",
-            "trainer.on_nonfinite=skip",
+            "callbacks.nonfinite_guard.mode=skip",
             "trainer.log_every_n_steps=1",
         )
     )
     nan_at_step(run, 1)
+    guard = next(c for c in run.trainer.callbacks if isinstance(c, NonFiniteGuard))
     run.trainer.fit(run.module, datamodule=run.datamodule)
-    assert run.trainer.global_step == 3 and run.module.skipped_nonfinite == 1
+    assert run.trainer.global_step == 3 and guard.skipped == 1
     assert all(torch.isfinite(p).all() for p in run.module.policy.parameters())
     assert float(run.trainer.callback_metrics["train/skipped_nonfinite"]) == 1.0
 

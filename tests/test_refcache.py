@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dpo_lab.errors import ConfigError
+from dpo_lab.reference import CachedReference
 from dpo_lab.train import build, check_config
 
 
@@ -26,7 +27,9 @@ STEPS = ["trainer.max_steps=3", "eval.num_prompts=0"]
 def test_precomputed_matches_live_and_is_reused(cfg_factory, tmp_path):
     live = fit(cfg_factory(*STEPS))
     pre = fit(cfg_factory(*STEPS, "reference.precompute=true"))
-    assert pre.module.reference is None  # freed once the cache is attached
+    # the reference model is gone: the module looks its log-probs up
+    assert isinstance(pre.module.reference, CachedReference) and pre.module.reference.model is None
+    assert not any(k.startswith("reference.") for k in pre.module.state_dict())
     for k, v in live.module.policy.state_dict().items():
         torch.testing.assert_close(pre.module.policy.state_dict()[k], v, atol=1e-5, rtol=1e-4)
     for k in ("train/loss", "train/rewards/margins"):

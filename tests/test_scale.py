@@ -11,8 +11,8 @@ import torch
 from conftest import make_cfg
 
 from dpo_lab.errors import ConfigError
+from dpo_lab.logps import paired_logps
 from dpo_lab.lora import PeftReference
-from dpo_lab.module import paired_logps
 from dpo_lab.train import build, finish
 
 
@@ -42,7 +42,7 @@ def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
     cfg = make_cfg(tmp_path / "lora", *LORA, "trainer.max_steps=3", "model.lora.merge_on_save=true")
     run = fit(cfg)
     module, policy = run.module, run.module.policy
-    assert isinstance(module.reference, PeftReference)
+    assert isinstance(module.reference.model, PeftReference)
     # one copy of the weights: the reference registers nothing, and every base weight it computes
     # with is the policy's own tensor
     assert not any(k.startswith("reference.") for k in module.state_dict())
@@ -50,7 +50,7 @@ def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
         p.numel() for p in policy.parameters()
     )
     ptrs = {p.data_ptr() for p in policy.parameters()}
-    assert all(p.data_ptr() in ptrs for p in module.reference.parameters())
+    assert all(p.data_ptr() in ptrs for p in module.reference.model.parameters())
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert all(
@@ -60,9 +60,9 @@ def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
     )
     from dpo_lab.logps import _lean_parts
 
-    assert _lean_parts(policy) is not None and _lean_parts(module.reference) is not None
+    assert _lean_parts(policy) is not None and _lean_parts(module.reference.model) is not None
     # the reference's log-probs are the frozen base's (loaded afresh), the policy's are not
-    ref = probe_logps(run, module.reference)
+    ref = probe_logps(run, module.reference.model)
     base = probe_logps(run, base_model(run))
     pol = probe_logps(run, policy)
     torch.testing.assert_close(ref.chosen, base.chosen, rtol=0, atol=1e-5)
@@ -94,14 +94,14 @@ def test_lora_continues_an_sft_adapter_that_the_reference_keeps(tmp_path):
 
     cfg = make_cfg(tmp_path / "dpo", *LORA, "trainer.max_steps=2", f"model.lora.adapter={adapter}")
     run = build(cfg)
-    ref0 = probe_logps(run, run.module.reference)
+    ref0 = probe_logps(run, run.module.reference.model)
     pol0 = probe_logps(run, run.module.policy)
     # both start at the SFT adapter, not at the bare base
     torch.testing.assert_close(ref0.chosen, sft.chosen, rtol=0, atol=1e-5)
     torch.testing.assert_close(pol0.chosen, sft.chosen, rtol=0, atol=1e-5)
     assert (probe_logps(run, base_model(run)).chosen - sft.chosen).abs().max() > 1e-3
     run.trainer.fit(run.module, datamodule=run.datamodule)
-    ref1 = probe_logps(run, run.module.reference)
+    ref1 = probe_logps(run, run.module.reference.model)
     torch.testing.assert_close(ref1.chosen, sft.chosen, rtol=0, atol=1e-5)  # frozen
     assert (probe_logps(run, run.module.policy).chosen - sft.chosen).abs().max() > 1e-3
 
@@ -246,7 +246,7 @@ def test_lora_with_precomputed_reference_matches_live(tmp_path):
     live = fit(make_cfg(tmp_path / "live", *common))
     a = {k: v.clone() for k, v in live.module.policy.state_dict().items()}
     pre = fit(make_cfg(tmp_path / "pre", *common, "reference.precompute=true"))
-    assert pre.module.reference is None  # freed after scoring
+    assert pre.module.reference.model is None  # the cache alone: the scoring model is gone
     record = json.loads((Path(pre.cfg.output_dir) / "reference_cache.json").read_text())
     assert record["reference_weights"] and record["computed"]
     b = pre.module.policy.state_dict()

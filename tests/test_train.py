@@ -146,6 +146,7 @@ def test_every_loss_trains_and_the_reference_stays_frozen(cfg_factory, name):
     assert all(changed.values()), [k for k, c in changed.items() if not c]
     if LOSSES[name].reference:
         assert module.reference is not None and not module.reference.training
+        assert not module.reference.model.training
         for k, v in module.reference.state_dict().items():
             assert torch.equal(v, ref_start[k]), k
         assert all(not p.requires_grad and p.grad is None for p in module.reference.parameters())
@@ -312,6 +313,45 @@ def test_local_files_train_end_to_end(cfg_factory, tmp_path, kind):
     assert not torch.equal(
         run.module.policy.state_dict()["lm_head.weight"], start["lm_head.weight"]
     )
+
+
+@pytest.mark.slow
+def test_a_row_with_an_empty_response_trains(cfg_factory, tmp_path):
+    """The real hh-rlhf shape: an empty final response is kept (the completion is EOS alone),
+    trained on and counted in the data metrics, not a bad row that stops the run."""
+    import random
+
+    from dpo_lab.tasks import sentiment
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(24):
+        p, a = sentiment.sample_review(rng)
+        b = "" if i in (0, 3) else sentiment.sample_completion(rng, 0.5)
+        rows.append({"prompt": p, "chosen": a, "rejected": b})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    cfg = cfg_factory(
+        "dataset=local",
+        f"dataset.path={path}",
+        f"dataset.val_path={path}",
+        f"model.name_or_path={local_model(tmp_path)}",
+        "dataset.batch_size=24",
+        "trainer.max_steps=1",
+        "trainer.log_every_n_steps=1",
+        "eval.num_prompts=0",
+        f"output_dir={out}",
+    )
+    run, _, _ = fit_steps(cfg)
+    eos = run.tokenizer.eos_token_id
+    empty = [it for it in run.datamodule.train_items if it["rejected_ids"] == [eos]]
+    assert len(empty) == 2 and len(run.datamodule.train_items) == 24
+    assert torch.isfinite(run.trainer.callback_metrics["train/loss"])
+    (data_row,) = [
+        r for r in csv.DictReader(open(out / "metrics.csv")) if r.get("data/empty_responses/train")
+    ]
+    assert data_row["data/empty_responses/train"] == "2"
 
 
 @pytest.mark.slow

@@ -241,8 +241,10 @@ class ClosedFormProbe(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self.reference is None:  # the starting model: the reference of every reference loss
-            model = pl_module.reference if pl_module.reference is not None else pl_module.policy
-            self.reference = self._score(pl_module, model)
+            # the live reference model; else (reference-free, or precomputed and freed) the
+            # policy before its first update, which is the same model
+            live = getattr(pl_module.reference, "model", None)
+            self.reference = self._score(pl_module, live if live is not None else pl_module.policy)
         self._record(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
