@@ -46,6 +46,14 @@ def _lean_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
+def _partitioned(head: nn.Module) -> bool:
+    """DeepSpeed ZeRO-3 keeps each weight partitioned over the processes and gathers it only when
+    its module is called; ``_LinearLogProbs`` reads ``head.weight`` directly, so a partitioned
+    head goes through ``_gather_logps``, which calls it (chunk by chunk, autograd keeping each
+    chunk's logits: the memory of the non-recomputing path)."""
+    return hasattr(head.weight, "ds_id")
+
+
 def _gather_logps(head: nn.Module, hidden: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
     """(M,) log softmax(head(hidden))[targets], computed ``chunk_size`` rows at a time in fp32.
 
@@ -64,10 +72,19 @@ class _LinearLogProbs(torch.autograd.Function):
     Saves only h, W, b, y and the (M,) logsumexp; the backward pass recomputes each chunk's
     logits, so at most one (chunk, V) fp32 buffer is alive in either pass. The price is one more
     h·Wᵀ per chunk in backward (the LM head's training cost goes from 3 to 4 matmuls).
+
+    Autocast-aware, as ``torch.amp.custom_fwd``/``custom_bwd`` make a function (written out here
+    because those fix the device type at definition, and this runs on CPU and CUDA): backward
+    re-enters the autocast state forward ran under, so the recomputed logits are the very logits
+    whose logsumexp forward saved (bf16 matmul, fp32 softmax) and its matmuls run in the autocast
+    dtype as autograd's would. Without it the backward recomputed fp32 logits against a bf16
+    logsumexp, a softmax that does not sum to 1.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: D102
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 → fp32; fp64 stays
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         lse = torch.empty_like(out)
@@ -82,6 +99,12 @@ class _LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _LinearLogProbs._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         acc = lse.dtype
@@ -94,14 +117,16 @@ class _LinearLogProbs(torch.autograd.Function):
         n = ctx.chunk_size
         for s in range(0, hidden.shape[0], n):
             h, y, g = hidden[s : s + n], targets[s : s + n], grad_out[s : s + n]
-            logits = torch.nn.functional.linear(h, weight, bias).to(acc)
+            logits = torch.nn.functional.linear(h, weight, bias).to(acc)  # as in forward
             # d logp_y / d logits = onehot(y) − softmax, scaled by the incoming gradient
             grad_logits = logits.sub_(lse[s : s + n, None]).exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(-1, y[:, None], g[:, None].to(acc))
+            # under autocast the two matmuls below run in its dtype (fp32 accumulation), as
+            # autograd's backward of the forward's matmul would; otherwise in the weights' dtype
             if grad_h is not None:
                 grad_h[s : s + n] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:
-                grad_w += grad_logits.T @ h.to(acc)
+                grad_w += (grad_logits.T @ h.to(acc)).to(acc)
             if grad_b is not None:
                 grad_b += grad_logits.sum(0)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
@@ -144,7 +169,7 @@ def completion_logps(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # (N, T, H)
         h, y = hidden[:, :-1][mask], targets[mask]  # (M, H), (M,)
-        if recompute and torch.is_grad_enabled():
+        if recompute and torch.is_grad_enabled() and not _partitioned(head):
             token_logps = _LinearLogProbs.apply(h, head.weight, head.bias, y, chunk_size)
         else:
             token_logps = _gather_logps(head, h, y, chunk_size)  # (M,)
