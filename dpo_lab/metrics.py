@@ -36,15 +36,22 @@ class PreferenceMetrics(nn.Module):
     def __init__(self, paired: bool):
         super().__init__()
         self.means = nn.ModuleDict()  # one metric per name, made at its first update
+        self._keep = True
         self._update = self._paired if paired else self._unpaired
 
-    def update(self, policy: PairedLogps | UnpairedLogps, reference, out: LossOutput) -> None:
-        """Add one micro-batch: the policy's and reference's log-probs and the loss's output."""
+    def update(
+        self, policy: PairedLogps | UnpairedLogps, reference, out: LossOutput, weight: float = 1.0
+    ) -> None:
+        """Add one micro-batch: the policy's and reference's log-probs and the loss's output.
+        ``weight=0`` adds no example but still makes every name (a process with nothing to add
+        must take part in the same reductions as the others)."""
+        self._keep = weight != 0
         B = len(out.losses)
         self._add("loss", out.losses.detach())
         for name, value in out.metrics.items():  # batch scalars: one value per example
             self._add(name, value.detach().reshape(()).expand(B))
         self._update(policy, reference, out)
+        self._keep = True
 
     def _paired(self, policy: PairedLogps, reference: PairedLogps | None, out: LossOutput) -> None:
         chosen, rejected = out.chosen_rewards, out.rejected_rewards
@@ -74,14 +81,14 @@ class PreferenceMetrics(nn.Module):
             # (torchmetrics 1.9 then ignores any `weight` argument, so none is ever passed:
             # every value is one example's)
             self.means[key] = _WeightedSum(nan_strategy="disable").to(values.device)
-        self.means[key].update(values.float())
+        self.means[key].update(values.float() if self._keep else values.float()[:0])
 
     def compute(self) -> dict[str, Tensor]:
         """Per-example means over everything added since the last reset, reduced over ranks
         (every rank must call this). Names whose examples numbered 0 everywhere are left out."""
-        if not self.means:
+        keys = [k for k, m in self.means.items() if m._update_count]  # e.g. a skipped step
+        if not keys:
             return {}
-        keys = list(self.means)
         sums = torch.stack([self.means[k].compute() for k in keys]).cpu()  # one device sync
         return {
             k.replace("__", "/"): total / weight

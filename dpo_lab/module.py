@@ -12,6 +12,7 @@ whether it takes paired or unpaired data. Everything else lives where its name s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -19,10 +20,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from dpo_lab.errors import ConfigError
 from dpo_lab.faults import rng_state, set_rng_state
 from dpo_lab.logps import paired_logps, unpaired_logps
-from dpo_lab.losses import LossOutput, LossSpec
+from dpo_lab.losses import LossOutput, LossSpec, UnpairedLogps
 from dpo_lab.metrics import PreferenceMetrics
+from dpo_lab.sharding import all_gather_ragged, shards_gradients, synced_generation
 
 
 class PreferenceModule(L.LightningModule):
@@ -63,7 +66,7 @@ class PreferenceModule(L.LightningModule):
         self._optimizer, self._scheduler = optimizer, scheduler
         self.logps_kwargs = dict(logps_kwargs or {})
         self.online = online
-        paired = loss.data == "paired"  # decided once: the data kind never changes in a run
+        paired = self._paired = loss.data == "paired"  # decided once for the whole run
         self._policy_logps = paired_logps if paired else unpaired_logps
         self._reference_logps = (
             None if reference is None else (reference.paired if paired else reference.unpaired)
@@ -74,26 +77,46 @@ class PreferenceModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Train mode for the policy: Lightning keeps the modes modules were built in, and
         ``from_pretrained`` builds them in eval mode, where dropout (LoRA's too) and gradient
-        checkpointing are off. The reference stays in eval mode (``LiveReference.train``)."""
+        checkpointing are off. The reference, not a submodule, stays in eval mode and is moved
+        to the training device here."""
         self.train()
+        if self.reference is not None:
+            self.reference.to(self.device)
 
     def model_step(self, batch: dict[str, Any], split: str) -> tuple[Any, Any, LossOutput]:
         """(policy log-probs, reference log-probs or None, the loss's output) of one batch."""
         policy = self._policy_logps(self.policy, batch, **self.logps_kwargs)
         reference = None if self.reference is None else self._reference_logps(batch, split)
+        several = self._trainer is not None and self.trainer.world_size > 1
+        if not self._paired and split == "train" and several:
+            policy, reference = _kl_rows_of_every_process(policy, reference)
         return policy, reference, self.loss(policy, reference, **self.loss_kwargs)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        weight = 1.0
         if self.online is not None:  # the batch's prompts, answered by the policy and judged
             model = None if self.reference is None else self.reference.model
-            batch, online_metrics = self.online(self.policy, model, batch)
+            several = self._trainer is not None and self.trainer.world_size > 1
+            batch, online_metrics = self.online(
+                self.policy,
+                model,
+                batch,
+                synced_gpus=synced_generation(self._trainer),
+                placeholder=several,
+            )
             self.log_dict(online_metrics, on_step=True, batch_size=1)
             if batch is None:  # every prompt's samples tied: nothing to learn from this step
                 return None
+            if online_metrics["online/pairs"] == 0:
+                # Tied here but maybe not on the other processes: returning None would leave
+                # DDP's gradient all-reduce and the metric reductions waiting for this process.
+                # A stand-in pair with weight 0 adds nothing to the gradient or the metrics.
+                weight = 0.0
         policy, reference, out = self.model_step(batch, "train")
-        self.train_metrics.update(policy, reference, out)
+        self.train_metrics.update(policy, reference, out, weight=weight)
         self._progress_bar(out, on_epoch=False)
-        return {"loss": out.losses.mean(), "tokens": _tokens(batch), "examples": len(out.losses)}
+        loss = out.losses.mean() * weight
+        return {"loss": loss, "tokens": _tokens(batch), "examples": int(len(out.losses) * weight)}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the step's metrics: means over every micro-batch it accumulated, on every rank."""
@@ -120,6 +143,19 @@ class PreferenceModule(L.LightningModule):
             acc = (out.chosen_rewards > out.rejected_rewards).float().mean()
             self.log("acc", acc, prog_bar=True, logger=False, batch_size=B, on_epoch=on_epoch)
 
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        """Norm clipping over the whole gradient: under FSDP each process holds a shard, so the
+        root module's ``clip_grad_norm_`` reduces the norm across processes (Lightning's FSDP
+        precision plugin refuses norm clipping for that reason)."""
+        if gradient_clip_val and shards_gradients(self._trainer):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ConfigError("under FSDP, trainer.gradient_clip_algorithm must be norm")
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
@@ -134,15 +170,12 @@ class PreferenceModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    # -- checkpoints: the reference is rebuilt from its source, never stored --------------------
+    # -- checkpoints: the policy and the RNG; the reference is not a submodule, never stored ---
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dpo_lab"] = {"rng": rng_state()}
         if self.online is not None:
             checkpoint["dpo_lab"]["online"] = self.online.state_dict()
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("reference.")]:
-            del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("dpo_lab", {})
@@ -150,10 +183,17 @@ class PreferenceModule(L.LightningModule):
             set_rng_state(extra["rng"])
         if self.online is not None and "online" in extra:
             self.online.load_state_dict(extra["online"])
-        if self.reference is not None:  # keep the reference this module was built with
-            checkpoint["state_dict"].update(
-                {f"reference.{k}": v for k, v in self.reference.state_dict().items()}
-            )
+
+
+def _kl_rows_of_every_process(policy: UnpairedLogps, reference: UnpairedLogps | None):
+    """Unpaired data's KL rows (mismatched prompt/completion pairs) are a batch statistic (KTO's
+    reference point z₀): estimated from every process's rows, as TRL does, not per process. In
+    training only, where every process runs the same number of micro-batches; validation shards
+    may differ by a batch, and keep their own estimate."""
+    policy = dataclasses.replace(policy, kl=all_gather_ragged(policy.kl.detach()))
+    if reference is not None:
+        reference = dataclasses.replace(reference, kl=all_gather_ragged(reference.kl))
+    return policy, reference
 
 
 def _tokens(batch: dict[str, Any]) -> Tensor:

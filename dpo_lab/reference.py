@@ -11,6 +11,13 @@ A loss that needs a reference gets one of two objects, chosen once when the run 
 Both answer ``paired(batch, split)`` and ``unpaired(batch, split)``, so the module never asks
 which kind it has. ``model`` is the live model where there is one (online sampling and the
 end-of-run evaluation need a model), else None.
+
+Neither is a submodule of the LightningModule: the reference is frozen, so nothing about it
+belongs in the optimizer, the checkpoint, DDP's gradient sync or FSDP's flat parameters (FSDP
+flattens a unit's weights into one tensor of one dtype: a bf16 reference beside an fp32 policy
+could not share a unit). Under FSDP and DeepSpeed each process holds the whole reference, in its
+own dtype; ``reference.precompute=true`` removes it altogether. The module moves it to the
+training device at fit start (``to``).
 """
 
 from __future__ import annotations
@@ -31,24 +38,24 @@ def _leave_inference_mode(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.clone() for t in tensors)
 
 
-class LiveReference(nn.Module):
+class LiveReference:
     """A frozen model scored on every batch.
 
     Args:
-        model: the reference LM; put in eval mode and frozen here, and kept in eval mode whatever
-            mode Lightning sets on the module that holds it.
+        model: the reference LM; put in eval mode (no dropout: the reference is a fixed function)
+            and frozen here. Not a submodule of anything Lightning manages, so it stays so.
         logps_kwargs: ``chunk_size`` and ``recompute`` for ``completion_logps``.
     """
 
     def __init__(self, model: nn.Module, logps_kwargs: dict[str, Any] | None = None):
-        super().__init__()
         self.model = model
         model.requires_grad_(False)
+        model.eval()
         self.logps_kwargs = dict(logps_kwargs or {})
-        self.eval()
 
-    def train(self, mode: bool = True) -> LiveReference:
-        return super().train(False)  # never dropout: the reference is a fixed function
+    def to(self, device: torch.device) -> LiveReference:
+        self.model.to(device)  # a LoRA reference (PeftReference) moves with the policy instead
+        return self
 
     def paired(self, batch: dict[str, Any], split: str) -> PairedLogps:
         with torch.inference_mode():
@@ -64,7 +71,7 @@ class LiveReference(nn.Module):
         return UnpairedLogps(completion, tokens, out.desirable, kl)
 
 
-class CachedReference(nn.Module):
+class CachedReference:
     """Reference log-probs computed once, looked up by each batch's ``index`` (row position in
     its split, ``PreferenceCollator``); the model they came from is gone.
 
@@ -80,21 +87,24 @@ class CachedReference(nn.Module):
     def __init__(
         self, values: dict[str, Tensor], indices: dict[str, Tensor], record: dict[str, Any]
     ):
-        super().__init__()
         self.record = record
+        self.tables: dict[str, Tensor] = {}
         for split in SPLITS:
             idx = indices[split].long()
             size = int(idx.max()) + 1 if idx.numel() else 0
             for side in ("chosen", "rejected"):
                 table = torch.full((size,), float("nan"), dtype=torch.float32)
                 table[idx] = values[f"{split}_{side}"].float()
-                # a buffer so that it follows the module to its device; never checkpointed
-                self.register_buffer(f"{split}_{side}", table, persistent=False)
+                self.tables[f"{split}_{side}"] = table
+
+    def to(self, device: torch.device) -> CachedReference:
+        self.tables = {k: v.to(device) for k, v in self.tables.items()}
+        return self
 
     def paired(self, batch: dict[str, Any], split: str) -> PairedLogps:
-        idx = batch["index"].to(getattr(self, f"{split}_chosen").device)
-        chosen = getattr(self, f"{split}_chosen")[idx]
-        rejected = getattr(self, f"{split}_rejected")[idx]
+        idx = batch["index"].to(self.tables[f"{split}_chosen"].device)
+        chosen = self.tables[f"{split}_chosen"][idx]
+        rejected = self.tables[f"{split}_rejected"][idx]
         if torch.isnan(chosen).any() or torch.isnan(rejected).any():
             raise KeyError(f"{split} rows {idx.tolist()} are not in the reference cache")
         tokens = batch["completion_mask"][:, 1:].sum(-1)

@@ -124,13 +124,13 @@ def test_a_two_step_online_run_trains(cfg_factory, judge):
     )
     run = build(cfg)
     start = {k: v.clone() for k, v in run.module.policy.state_dict().items()}
-    ref = {k: v.clone() for k, v in run.module.reference.state_dict().items()}
+    ref = {k: v.clone() for k, v in run.module.reference.model.state_dict().items()}
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.global_step == 2
     assert not torch.equal(
         start["lm_head.weight"], run.module.policy.state_dict()["lm_head.weight"]
     )
-    assert all(torch.equal(v, run.module.reference.state_dict()[k]) for k, v in ref.items())
+    assert all(torch.equal(v, run.module.reference.model.state_dict()[k]) for k, v in ref.items())
     logged = set(run.trainer.callback_metrics)
     assert {
         "online/score",

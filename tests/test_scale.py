@@ -121,7 +121,7 @@ def test_lora_config_errors(cfg_factory, tmp_path):
 def test_a_bf16_reference_beside_an_fp32_policy(cfg_factory):
     run = fit(cfg_factory("reference.dtype=bfloat16", "trainer.max_steps=2", "eval.num_prompts=0"))
     assert next(run.module.policy.parameters()).dtype == torch.float32
-    assert {p.dtype for p in run.module.reference.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in run.module.reference.model.parameters()} == {torch.bfloat16}
     assert torch.isfinite(run.trainer.callback_metrics["train/loss"])
 
 
@@ -284,7 +284,7 @@ def test_a_bf16_model_trains_fp32_master_weights(tmp_path):
         run = build(cfg)
         policy_dtypes = {p.dtype for p in run.module.policy.parameters()}
         assert policy_dtypes == {torch.float32 if trainable == "float32" else torch.bfloat16}
-        assert {p.dtype for p in run.module.reference.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in run.module.reference.model.parameters()} == {torch.bfloat16}
         start = {n: p.detach().clone() for n, p in run.module.policy.named_parameters()}
         run.trainer.fit(run.module, datamodule=run.datamodule)
         shares[trainable] = _changed_share(run, start)

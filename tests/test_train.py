@@ -120,7 +120,7 @@ def fit_steps(cfg):
     run = build(cfg)
     start = {k: v.clone() for k, v in run.module.policy.state_dict().items()}
     ref_start = (
-        {k: v.clone() for k, v in run.module.reference.state_dict().items()}
+        {k: v.clone() for k, v in run.module.reference.model.state_dict().items()}
         if run.module.reference is not None
         else None
     )
@@ -145,13 +145,17 @@ def test_every_loss_trains_and_the_reference_stays_frozen(cfg_factory, name):
     }
     assert all(changed.values()), [k for k, c in changed.items() if not c]
     if LOSSES[name].reference:
-        assert module.reference is not None and not module.reference.training
-        assert not module.reference.model.training
-        for k, v in module.reference.state_dict().items():
+        assert module.reference is not None and not module.reference.model.training
+        # the reference is not a submodule: not in the module's parameters or checkpoint
+        ref_ids = {id(p) for p in module.reference.model.parameters()}
+        assert not ref_ids & {id(p) for p in module.parameters()}
+        for k, v in module.reference.model.state_dict().items():
             assert torch.equal(v, ref_start[k]), k
-        assert all(not p.requires_grad and p.grad is None for p in module.reference.parameters())
+        assert all(
+            not p.requires_grad and p.grad is None for p in module.reference.model.parameters()
+        )
         opt_params = {id(p) for g in run.trainer.optimizers[0].param_groups for p in g["params"]}
-        assert not opt_params & {id(p) for p in module.reference.parameters()}
+        assert not opt_params & {id(p) for p in module.reference.model.parameters()}
     else:
         assert module.reference is None  # a reference-free loss never builds one
 
