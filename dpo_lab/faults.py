@@ -47,21 +47,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
-def resolve_resume(resume: str | None, out: Path) -> str | None:
-    """The checkpoint to resume from: None (fresh), ``auto``, a run dir, or a ``.ckpt`` file.
+def is_checkpoint(p: Path) -> bool:
+    """A Lightning checkpoint: a file, or under DeepSpeed a directory (DeepSpeed writes each
+    process's shards into ``<name>.ckpt/`` with a ``latest`` tag file beside them)."""
+    return p.is_file() or (p.is_dir() and (p / "latest").is_file())
 
-    ``auto`` continues ``<run dir>/checkpoints/last.ckpt`` when there is one and starts fresh
-    otherwise; an explicit path that holds no checkpoint is an error.
+
+def resolve_resume(resume: str | None, out: Path) -> str | None:
+    """The checkpoint to resume from: None (fresh), ``auto``, a run dir, or a checkpoint.
+
+    ``auto`` continues ``<run dir>/checkpoints/last.ckpt`` when there is one (a file, or a
+    DeepSpeed checkpoint directory) and starts fresh otherwise; an explicit path that holds no
+    checkpoint is an error.
     """
     if resume in (None, "", "none"):
         return None
     if resume == "auto":
         last = out / "checkpoints" / LAST
-        return str(last) if last.is_file() else None
+        return str(last) if is_checkpoint(last) else None
     p = Path(resume).expanduser()
-    if p.is_dir():
+    if p.is_dir() and not is_checkpoint(p):
         p = p / "checkpoints" / LAST
-    if not p.is_file():
+    if not is_checkpoint(p):
         raise ConfigError(f"resume={resume!r}: no checkpoint at {str(p)!r}")
     return str(p)
 

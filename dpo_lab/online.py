@@ -147,9 +147,17 @@ class OnlinePairs:
         self.pairs_total = int(state.get("pairs_total", 0))
 
     def __call__(
-        self, policy: torch.nn.Module, reference: torch.nn.Module | None, batch: dict[str, Any]
+        self,
+        policy: torch.nn.Module,
+        reference: torch.nn.Module | None,
+        batch: dict[str, Any],
+        synced_gpus: bool = False,
+        placeholder: bool = False,
     ) -> tuple[dict[str, Any] | None, dict[str, float]]:
-        """(paired batch on the policy's device or None if every prompt tied, metrics)."""
+        """(paired batch on the policy's device, metrics). If every prompt tied, the batch is
+        None, or with ``placeholder`` a stand-in pair to train on with weight 0 (several
+        processes: see ``PreferenceModule.training_step``); ``metrics["online/pairs"]`` is 0.
+        ``synced_gpus``: the policy is sharded, keep every process's generation in step."""
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         if self._last_call is not None:  # the previous step's share of wall time generating
@@ -163,6 +171,7 @@ class OnlinePairs:
             repeated,
             batch_size=len(repeated),
             stop=stop_token_ids(policy, self.tokenizer),
+            synced_gpus=synced_gpus,
             **self.gen,
         )
         gen_seconds = self._last_gen_seconds = time.perf_counter() - t0
@@ -191,8 +200,10 @@ class OnlinePairs:
             with torch.no_grad():
                 lp = completion_logps(policy, **seqs)[0] - completion_logps(reference, **seqs)[0]
             metrics["online/kl"] = lp.mean().item()
-        if not pairs:
+        if not pairs and not placeholder:
             return None, metrics
+        # every prompt tied: a stand-in pair (the first prompt's first two samples), which the
+        # caller trains on with weight 0 so that every process runs the same collectives
         items = [
             {
                 "index": n,
@@ -201,7 +212,7 @@ class OnlinePairs:
                 "chosen_ids": gens.completion_ids[c],
                 "rejected_ids": gens.completion_ids[r],
             }
-            for n, (c, r) in enumerate(pairs)
+            for n, (c, r) in enumerate(pairs or [(0, 1)])
         ]
         out = self.collate(items)
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}, metrics

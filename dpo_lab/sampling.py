@@ -63,13 +63,16 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     stop: list[int] | None = None,
+    synced_gpus: bool = False,
 ) -> Generations:
     """Sample one completion per prompt (left-padded batches, KV cache), cut after its first end
     token: any of ``stop`` (default ``stop_token_ids(model, tokenizer)``).
 
     Sampling is plain: temperature, top-p and nothing else (no top-k, no repetition penalty,
     whatever the model's own ``generation_config`` suggests), so that with temperature 1 and
-    top-p 1 the samples are draws from π itself, which the KL estimates need.
+    top-p 1 the samples are draws from π itself, which the KL estimates need. ``synced_gpus``:
+    every process keeps running forwards until all are done (sharded weights, see
+    ``dpo_lab.sharding``).
     """
     was_training = model.training
     model.eval()
@@ -98,6 +101,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
             eos_token_id=stop or None,
+            synced_gpus=synced_gpus,
         )
         for ids, new in zip(chunk, seqs[:, P:].tolist(), strict=True):
             end = next((i for i, t in enumerate(new) if t in ends), None)

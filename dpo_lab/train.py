@@ -46,6 +46,7 @@ from dpo_lab.module import PreferenceModule
 from dpo_lab.online import OnlinePairs, TaskRewardJudge
 from dpo_lab.refcache import precompute
 from dpo_lab.reference import LiveReference
+from dpo_lab.sharding import full_policy_state, shards_parameters
 
 log = logging.getLogger("dpo_lab")
 
@@ -72,6 +73,10 @@ if not OmegaConf.has_resolver("dpo_lab_short"):
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# val/* are already reduced over ranks by dpo_lab.metrics; loss/acc are this process's bar values
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self.log\('(val/|train/|loss'|acc')"
+)
 
 
 class _NoTips(logging.Filter):
@@ -129,6 +134,12 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
                 "algo=online samples new completions each step, so their reference "
                 "log-probs cannot be precomputed; drop reference.precompute"
             )
+    if str(cfg.trainer.get("precision")) in ("16-true", "16", "half"):
+        raise ConfigError(
+            f"trainer.precision={cfg.trainer.precision}: fp16 weights with no loss scaling "
+            "overflow (NaN at the first step on the embedded task); use 16-mixed (fp32 weights, "
+            "fp16 compute, a GradScaler), bf16-mixed or bf16-true"
+        )
     if cfg.probe.size < 1 or cfg.probe.every_n_steps < 1:
         raise ConfigError("probe.size and probe.every_n_steps must be >= 1")
     if cfg.eval.num_prompts < 0:
@@ -235,6 +246,7 @@ def build(cfg: DictConfig) -> Run:
     ckpt_path = resolve_resume(cfg.resume, out)
     loggers = build_loggers(cfg, out, datamodule, resuming=ckpt_path is not None)
     trainer = build_trainer(cfg, loggers, build_callbacks(cfg, data, tokenizer, spec, loggers))
+    check_strategy(trainer, policy)
 
     reference = None
     if cfg.reference.precompute:  # score every pair once; then train without the reference model
@@ -367,6 +379,21 @@ def build_callbacks(
     return callbacks
 
 
+def check_strategy(trainer: L.Trainer, policy: Any) -> None:
+    """Refuse, in one line, a policy the strategy cannot wrap."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in policy.parameters()})
+    if isinstance(trainer.strategy, FSDPStrategy) and len(dtypes) > 1:
+        raise ConfigError(
+            f"trainer=fsdp flattens each unit's weights into one tensor of one dtype, and the "
+            f"policy holds {' and '.join(dtypes)} (model.dtype with fp32 trained weights, e.g. "
+            "LoRA on a bf16 base); load it in float32 (model.dtype=float32) and let "
+            "trainer.precision=bf16-mixed compute in bf16 (the reference may stay bf16: "
+            "reference.dtype=bfloat16)"
+        )
+
+
 def build_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> L.Trainer:
     """``lightning.Trainer`` from the ``trainer`` group; callbacks come from their own group."""
     if "callbacks" in cfg.trainer:
@@ -374,12 +401,14 @@ def build_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> 
             "trainer.callbacks: callbacks have their own group; add one with "
             "+callbacks.<name>._target_=<class> (see conf/callbacks/default.yaml)"
         )
+    # a user's plugins (e.g. a precision plugin with its own GradScaler), then atomic checkpoints
+    plugins = list(instantiate(cfg.trainer.get("plugins") or []))
     return instantiate(
         cfg.trainer,
         logger=loggers,
         callbacks=callbacks,
         default_root_dir=str(cfg.output_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[*plugins, AtomicCheckpointIO()],
     )
 
 
@@ -458,15 +487,15 @@ def _load(cfg: DictConfig, path: str, dtype: str | None = None) -> tuple[Any, An
     )
 
 
-def _eval_reference(run: Run) -> Any:
-    """The model the end-of-run evaluation samples as the reference: the training reference where
-    one is alive; under LoRA the base with adapters off; else (a reference-free loss, or a
-    precomputed reference, freed before training) the same reference loaded again."""
+def _eval_reference(run: Run, policy: Any) -> Any:
+    """The model the end-of-run evaluation samples as the reference: under LoRA ``policy``'s base
+    with adapters off; else the training reference where one is alive (never sharded); else (a
+    reference-free loss, or a precomputed reference, freed before training) loaded again."""
     cfg, module = run.cfg, run.module
+    if is_peft(policy):
+        return PeftReference(policy)
     if module.reference is not None and module.reference.model is not None:
         return module.reference.model
-    if is_peft(module.policy):
-        return PeftReference(module.policy)
     if cfg.reference.name_or_path:
         source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
         path = resolve_name_or_path(cfg.reference.name_or_path, source)
@@ -474,9 +503,34 @@ def _eval_reference(run: Run) -> Any:
     return _load(cfg, run.model_path, cfg.reference.dtype)[1].eval()
 
 
+def _unsharded_policy(cfg: DictConfig, path: str, state: dict[str, Any]) -> Any:
+    """A whole copy of the trained policy on process 0, from its gathered state dict: the model
+    built as for training (LoRA included), then the trained weights loaded strictly."""
+    source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
+    _, policy, _ = build_models(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        {},
+        path,
+        source,
+        needs_reference=False,
+    )
+    # strict about what the copy needs; a continued LoRA adapter's frozen reference copy (a
+    # second adapter the training policy held) is the one thing it may leave out
+    missing, unexpected = policy.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if ".reference." not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"gathered policy state does not fit: {missing[:3]} {unexpected[:3]}")
+    return policy.eval()
+
+
 def finish(run: Run, t0: float) -> dict[str, Any]:
     """After fit: evaluate, save ``final/`` and ``summary.json``, close the loggers."""
     cfg, module, trainer, out = run.cfg, run.module, run.trainer, run.out
+    policy = module.policy
+    if shards_parameters(trainer):  # every process helps gather the whole policy onto rank 0
+        state = full_policy_state(trainer, module)
+        if trainer.is_global_zero:
+            policy = _unsharded_policy(cfg, run.model_path, state).to(module.device)
     if not trainer.is_global_zero:  # other processes of a multi-process run: rank 0 reports
         return {}
     summary: dict[str, Any] = {
@@ -499,11 +553,11 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] | None = None
     if cfg.eval.num_prompts > 0:
-        eval_reference = _eval_reference(run)
+        eval_reference = _eval_reference(run, policy)
         eval_reference.to(module.device)
         prompts = [r["prompt"] for r in run.data.val[: cfg.eval.num_prompts]]
         metrics, rows = evaluate(
-            module.policy,
+            policy,
             eval_reference,
             run.tokenizer,
             prompts,
@@ -521,7 +575,7 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
             lg.log_metrics(metrics, step=trainer.global_step)
 
     save_final(
-        module.policy,
+        policy,
         run.tokenizer,
         out / "final",
         merge=cfg.model.lora.merge_on_save,

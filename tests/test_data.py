@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_example, render
+from dpo_lab.data.collate import (
+    PreferenceCollator,
+    UnpairedCollator,
+    encode_example,
+    mismatched,
+    render,
+)
 from dpo_lab.data.datamodule import (
     LengthGroupedSampler,
     PreferenceDataModule,
@@ -395,14 +401,22 @@ def test_unpaired_collator_mismatches_kl_rows(tok):
         )[0]
     )
     assert [it["desirable"] for it in items] == [True, False] * len(ROWS)
-    batch = UnpairedCollator(tok.pad_token_id)(items)
+    batch = UnpairedCollator(tok.pad_token_id)(items)  # in split order, as validation serves it
     B = len(items)
     for i in range(B):
         kl_completion = batch["kl_input_ids"][i][batch["kl_completion_mask"][i].bool()].tolist()
-        assert kl_completion == items[(i + 1) % B]["completion_ids"]
+        # chosen_k, rejected_k, chosen_k+1, ...: item i's KL partner is the next pair's first
+        # item, never the other completion of its own prompt (item i ± 1 before the fix)
+        partner = items[(i // 2 * 2 + 2) % B]
+        assert kl_completion == partner["completion_ids"]
+        own = [it["completion_ids"] for it in items if it["prompt_ids"] == items[i]["prompt_ids"]]
+        assert kl_completion not in own
         kl_prompt_len = int(batch["kl_attention_mask"][i].sum()) - len(kl_completion)
         assert batch["kl_input_ids"][i, :kl_prompt_len].tolist() == items[i]["prompt_ids"]
     assert batch["desirable"].dtype == torch.bool
+    # a batch of one prompt has no mismatch to offer: the next item, as the docstring says
+    same = [dict(it, prompt_ids=items[0]["prompt_ids"]) for it in items[:3]]
+    assert mismatched(same) == [1, 2, 0]
 
 
 def test_tokenized_cache_hits_and_keys(tok, monkeypatch):

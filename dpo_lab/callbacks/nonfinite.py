@@ -12,7 +12,10 @@ clipping) checks the step's losses and the total gradient norm with one device s
 
 Under fp16 with a GradScaler, non-finite gradients from a finite loss are the scaler's ordinary
 overflow: the scaler skips that step and lowers its scale. They are counted
-(``train/skipped_overflow``), never an error.
+(``train/skipped_overflow``), never an error. Under FSDP the gradient norm is reduced over the
+processes' shards, and every process takes the same decision. DeepSpeed keeps gradients in its
+own buffers (``p.grad`` is None), so there only the loss is checked; its fp16 loss scaler handles
+overflow itself.
 """
 
 from __future__ import annotations
@@ -23,18 +26,30 @@ import lightning as L
 import torch
 
 from dpo_lab.errors import ConfigError, NonFiniteError
+from dpo_lab.sharding import shards_gradients
 
 MODES = ("error", "skip")
 
 
-def grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """The total 2-norm of the gradients the optimizer would step on (fp32; 0 if there are none).
-    No device sync: the caller decides when to read it."""
+def grad_norm(
+    optimizer: torch.optim.Optimizer, trainer: L.Trainer | None = None
+) -> torch.Tensor | None:
+    """The total 2-norm of the gradients the optimizer would step on (fp32), or None where no
+    parameter holds a gradient (DeepSpeed keeps them in its own buffers; a skipped step).
+    Under FSDP each process holds a shard of the gradient: the squares are summed over processes
+    (a collective; every process calls this). No device sync: the caller decides when to read it.
+    """
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = torch._foreach_norm(grads)  # one norm per tensor, in each gradient's dtype
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    sharded = shards_gradients(trainer)
+    if not grads and not sharded:
+        return None
+    if grads:  # one norm per tensor, in each gradient's dtype, then their squares in fp32
+        squares = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+    else:  # this process's shards are empty; it still takes part in the reduction
+        squares = torch.zeros((), device=trainer.strategy.root_device)
+    if sharded:
+        squares = trainer.strategy.reduce(squares, reduce_op="sum")
+    return squares.sqrt()
 
 
 class NonFiniteGuard(L.Callback):
@@ -60,7 +75,10 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
         losses, ids = self._losses, self._ids
         self._losses, self._ids = [], []
-        norm = grad_norm(optimizer).to(pl_module.device)
+        norm = grad_norm(optimizer, trainer)
+        norm = (
+            torch.zeros((), device=pl_module.device) if norm is None else norm.to(pl_module.device)
+        )
         loss_ok = [torch.isfinite(x).all() for x in losses] or [torch.isfinite(norm.new_zeros(()))]
         flags = torch.stack([~torch.stack(loss_ok).all(), ~torch.isfinite(norm)]).float()
         if trainer.world_size > 1:  # every process takes the same decision

@@ -22,6 +22,7 @@ import torch
 
 from dpo_lab.logps import paired_logps
 from dpo_lab.losses import PairedLogps
+from dpo_lab.sharding import full_root_params
 
 log = logging.getLogger("dpo_lab")
 
@@ -84,7 +85,8 @@ class DisplacementProbe(L.Callback):
         batch = {
             k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in self.batch.items()
         }
-        with trainer.precision_plugin.forward_context():
+        # under FSDP every process gathers the root unit's weights (embeddings, norm, head)
+        with full_root_params(trainer), trainer.precision_plugin.forward_context():
             if model is None:
                 out = pl_module.reference.paired(batch, "val")
             else:

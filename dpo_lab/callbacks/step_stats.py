@@ -49,7 +49,9 @@ class StepStats(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
         pl_module.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=True)
-        pl_module.log("train/grad_norm", grad_norm(optimizer), on_step=True)
+        norm = grad_norm(optimizer, trainer)
+        if norm is not None:  # DeepSpeed keeps gradients in its own buffers: not logged there
+            pl_module.log("train/grad_norm", norm, on_step=True)
         self._stepped = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, *_: Any):

@@ -178,24 +178,49 @@ class PreferenceCollator:
         return batch
 
 
+def mismatched(items: Sequence[dict[str, Any]]) -> list[int]:
+    """For each item i, the first item after it (cyclically) with a different prompt: KTO's KL
+    rows pair a prompt with a completion written for another prompt.
+
+    Paired data split for KTO comes as chosen₀, rejected₀, chosen₁, ... (``split_pairs``; the
+    validation loader keeps that order), so "the next item" alone would pair every chosen
+    completion's prompt with its own rejected completion. Only a batch whose items all share one
+    prompt has no mismatch to offer; its rows then take the next item.
+    """
+    B = len(items)
+    out = []
+    for i in range(B):
+        others = ((i + k) % B for k in range(1, B))
+        out.append(
+            next(
+                (j for j in others if items[j]["prompt_ids"] != items[i]["prompt_ids"]), (i + 1) % B
+            )
+        )
+    return out
+
+
 class UnpairedCollator:
     """Batches single completions with binary labels (KTO), plus mismatched rows for its KL term.
 
     Each item has ``prompt_ids``, ``completion_ids``, ``desirable`` and ``index``. Row i of the
-    KL block pairs prompt i with the completion of item (i + 1) mod B, so every KL row is a
-    prompt/completion mismatch whenever B ≥ 2 (the loss rejects B < 2).
+    KL block pairs prompt i with the completion of the next item with a different prompt
+    (``mismatched``), so every KL row is a prompt/completion mismatch whenever the batch holds
+    two prompts (the loss rejects B < 2).
     """
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
-        B = len(items)
         batch = pad_sequences(
             [(it["prompt_ids"], it["completion_ids"]) for it in items], self.pad_id
         )
+        partner = mismatched(items)
         kl = pad_sequences(
-            [(items[i]["prompt_ids"], items[(i + 1) % B]["completion_ids"]) for i in range(B)],
+            [
+                (it["prompt_ids"], items[j]["completion_ids"])
+                for it, j in zip(items, partner, strict=True)
+            ],
             self.pad_id,
         )
         batch.update({f"kl_{k}": v for k, v in kl.items()})

@@ -209,8 +209,12 @@ class ClosedFormProbe(L.Callback):
 
         was_training = model.training
         model.eval()
+        from dpo_lab.sharding import full_root_params
+
         batch = {k: v.to(pl_module.device) for k, v in self.batch.items()}
-        logps, _ = completion_logps(model, **batch, **pl_module.logps_kwargs)
+        trainer = pl_module.trainer
+        with full_root_params(trainer), trainer.precision_plugin.forward_context():
+            logps, _ = completion_logps(model, **batch, **pl_module.logps_kwargs)
         model.train(was_training)
         return logps.cpu().view(self.shape)
 
