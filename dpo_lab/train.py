@@ -73,6 +73,8 @@ if not OmegaConf.has_resolver("dpo_lab_short"):
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# DeepSpeed clips by trainer.gradient_clip_val itself; the module's hook exists for FSDP's clipping
+warnings.filterwarnings("ignore", message=r"Since DeepSpeed handles gradient clipping internally")
 # val/* are already reduced over ranks by dpo_lab.metrics; loss/acc are this process's bar values
 warnings.filterwarnings(
     "ignore", message=r"It is recommended to use `self.log\('(val/|train/|loss'|acc')"

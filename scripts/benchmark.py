@@ -14,7 +14,22 @@ RSS on CPU, peak allocated CUDA memory on GPU), and dpo_lab ÷ TRL ratios.
 Rows: ``live`` (DPO, reference model run every step), ``precomputed`` (DPO with reference
 log-probs computed before training: dpo_lab's named reference cache, TRL's
 ``precompute_ref_log_probs``), ``simpo`` (reference-free: dpo_lab ``loss=simpo``, TRL's
-``CPOTrainer`` with ``loss_type="simpo"``).
+``CPOTrainer`` with ``loss_type="simpo"``), ``lora`` (the same LoRA adapters in both).
+
+Tools: ``dpo_lab``, ``trl`` (TRL's defaults) and ``trl_liger`` (TRL with
+``use_liger_kernel=True``; ``pip install liger-kernel``, CUDA only).
+
+``--lengths hh`` draws each pair's lengths to match real preference data (Anthropic hh-rlhf
+harmless-base with the Llama-2 tokenizer: a sequence's median 132 tokens, min 21, max 437 under
+a 512 cap; a completion's median 27), where padding matters; tokens/s then counts the mean real
+tokens a step. On CUDA the table adds MFU = k·N·tokens/s ÷ 989 TFLOP/s (H100 dense bf16), with
+N the parameters outside the embeddings and k = 8 with a live reference (policy forward and
+backward 6N, reference forward 2N), 6 otherwise (no reference forward; LoRA's frozen base still
+costs its forward and the backward through its activations).
+
+    python scripts/benchmark.py --device cuda --dtype bf16 --vocab 151936 --hidden 896 \
+        --layers 24 --heads 14 --kv-heads 2 --intermediate 4864 --batch 8 \
+        --modes live,precomputed,lora --tools dpo_lab,trl,trl_liger     # the Qwen2.5-0.5B shape
 """
 
 from __future__ import annotations
@@ -32,6 +47,9 @@ import time
 from pathlib import Path
 
 MODES = ("live", "precomputed", "simpo", "lora")
+TOOLS = ("dpo_lab", "trl", "trl_liger")
+PEAK_FLOPS = 989e12  # H100 SXM, dense bf16
+MFU_FACTOR = {"live": 8, "precomputed": 6, "simpo": 6, "lora": 6}
 DEFAULT_MODES = ("live", "precomputed", "simpo")
 # LoRA settings of the "lora" mode, the same for both tools (reference = base, adapters off)
 LORA = dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
@@ -57,25 +75,57 @@ def make_assets(args: argparse.Namespace, root: Path) -> None:
         intermediate_size=args.intermediate or 4 * args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=args.prompt + args.completion + 8,
+        num_key_value_heads=args.kv_heads or args.heads,
+        max_position_embeddings=max_length(args),
         tie_word_embeddings=False,
         pad_token_id=0,
         eos_token_id=1,
     )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
+    model = LlamaForCausalLM(config)
+    embeddings = sum(
+        p.numel() for n, p in model.named_parameters() if "embed" in n or "lm_head" in n
+    )
+    non_embedding = sum(p.numel() for p in model.parameters()) - embeddings
+    model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     rng = random.Random(0)
     words = lambda n: " ".join(f"w{rng.randrange(args.vocab - 3)}" for _ in range(n))  # noqa: E731
     n_rows = args.batch * (args.warmup + args.steps + 2)
+    lengths = []
     with open(root / "pairs.jsonl", "w") as f:
         for _ in range(n_rows):  # completions start with a space: TRL joins prompt + completion
-            row = {
-                "prompt": words(args.prompt),
-                "chosen": " " + words(args.completion),
-                "rejected": " " + words(args.completion),
-            }
+            p, c, r = pair_lengths(args, rng)
+            row = {"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)}
             f.write(json.dumps(row) + "\n")
+            lengths += [p + c + 1, p + r + 1]  # each sequence, EOS included
+    lengths.sort()
+    stats = {
+        "non_embedding_params": non_embedding,
+        "tokens_per_step": args.batch * sum(lengths) / (len(lengths) / 2),
+        "sequence_median": lengths[len(lengths) // 2],
+        "sequence_min": lengths[0],
+        "sequence_max": lengths[-1],
+    }
+    (root / "assets.json").write_text(json.dumps(stats))
+
+
+def max_length(args: argparse.Namespace) -> int:
+    return 512 + 8 if args.lengths == "hh" else args.prompt + args.completion + 8
+
+
+def pair_lengths(args: argparse.Namespace, rng: random.Random) -> tuple[int, int, int]:
+    """(prompt, chosen, rejected) word counts: fixed, or drawn like hh-rlhf's (see docstring):
+    log-normal completions (median 27) and prompts (median 93), each sequence kept within
+    [21, 437] tokens with EOS, as measured on the real data."""
+    if args.lengths == "fixed":
+        return args.prompt, args.completion, args.completion
+    import math
+
+    while True:
+        p = max(1, round(rng.lognormvariate(math.log(93), 0.7)))
+        c, r = (max(1, round(rng.lognormvariate(math.log(27), 0.9))) for _ in range(2))
+        if 21 <= p + min(c, r) + 1 and p + max(c, r) + 1 <= 437:
+            return p, c, r
 
 
 class _Timer:
@@ -118,8 +168,8 @@ def child_dpo_lab(args: argparse.Namespace, mode: str, root: Path) -> list[float
         f"dataset.path={root / 'pairs.jsonl'}",
         f"dataset.val_path={root / 'pairs.jsonl'}",
         f"dataset.batch_size={args.batch}",
-        f"dataset.max_length={args.prompt + args.completion + 8}",
-        f"dataset.max_prompt_length={args.prompt + 4}",
+        f"dataset.max_length={max_length(args)}",
+        f"dataset.max_prompt_length={max_length(args)}",
         "dataset.cache_tokenized=false",
         f"model.name_or_path={root / 'model'}",
         f"model.attn_implementation={args.attn}",
@@ -153,7 +203,7 @@ def child_dpo_lab(args: argparse.Namespace, mode: str, root: Path) -> list[float
     return timer.times
 
 
-def child_trl(args: argparse.Namespace, mode: str, root: Path) -> list[float]:
+def child_trl(args: argparse.Namespace, mode: str, root: Path, liger: bool = False) -> list[float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -179,10 +229,11 @@ def child_trl(args: argparse.Namespace, mode: str, root: Path) -> list[float]:
         save_strategy="no",
         use_cpu=args.device == "cpu",
         bf16=args.dtype == "bf16",
-        max_length=args.prompt + args.completion + 8,
+        max_length=max_length(args),
         dataloader_num_workers=0,
         lr_scheduler_type="constant",
         warmup_steps=0,
+        use_liger_kernel=liger,
     )
     data = Dataset.from_list(rows)
     if mode == "simpo":
@@ -226,14 +277,16 @@ def run_child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     root = Path(args.root)
-    fn = child_dpo_lab if args.child == "dpo_lab" else child_trl
-    times = fn(args, args.mode, root)
+    if args.child == "dpo_lab":
+        times = child_dpo_lab(args, args.mode, root)
+    else:
+        times = child_trl(args, args.mode, root, liger=args.child == "trl_liger")
     timed = times[args.warmup :]
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB → MiB
-    tokens = 2 * args.batch * (args.prompt + args.completion + 1)
+    tokens = json.loads((root / "assets.json").read_text())["tokens_per_step"]
     med = statistics.median(timed)
     print(
         "RESULT "
@@ -256,6 +309,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=None, help="default 4 × hidden")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: heads)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     ap.add_argument("--completion", type=int, default=128, help="completion tokens (before EOS)")
     ap.add_argument("--batch", type=int, default=8, help="pairs per step")
@@ -266,6 +320,12 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument(
+        "--lengths",
+        choices=("fixed", "hh"),
+        default="fixed",
+        help="fixed: --prompt/--completion; hh: drawn like hh-rlhf's (see the docstring)",
+    )
+    ap.add_argument(
         "--no-recompute",
         action="store_true",
         help="dpo_lab: keep the LM head's logits for backward (logps.recompute=false)",
@@ -274,7 +334,7 @@ def main() -> None:
         "--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of {', '.join(MODES)}"
     )
     ap.add_argument("--tools", default="dpo_lab,trl")
-    ap.add_argument("--child", choices=("dpo_lab", "trl"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -289,6 +349,7 @@ def main() -> None:
         "intermediate",
         "layers",
         "heads",
+        "kv_heads",
         "prompt",
         "completion",
         "batch",
@@ -298,8 +359,13 @@ def main() -> None:
         "device",
         "dtype",
         "attn",
+        "lengths",
     )
-    passthrough = [f"--{k}={getattr(args, k)}" for k in shared if getattr(args, k) is not None]
+    passthrough = [
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in shared
+        if getattr(args, k) is not None
+    ]
     results: dict[tuple[str, str], dict] = {}
     env = {
         **os.environ,
@@ -309,6 +375,8 @@ def main() -> None:
     }
     for mode in args.modes.split(","):
         for tool in args.tools.split(","):
+            if tool not in TOOLS:
+                sys.exit(f"--tools: {tool!r} is not one of {', '.join(TOOLS)}")
             cmd = [
                 sys.executable,
                 __file__,
@@ -336,26 +404,23 @@ def main() -> None:
             )
 
     mem = "peak CUDA alloc" if args.device == "cuda" else "peak RSS"
-    print(
-        f"\nmodel: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers; "
-        f"{args.batch} pairs × (prompt {args.prompt} + completion {args.completion} + EOS); "
-        f"{args.device} {args.dtype}, {args.threads} threads; median of {args.steps} steps "
-        f"after {args.warmup} warm-up; dpo_lab logps.recompute={not args.no_recompute}"
+    assets = json.loads((root / "assets.json").read_text())
+    shape = (
+        f"{args.batch} pairs × (prompt {args.prompt} + completion {args.completion} + EOS)"
+        if args.lengths == "fixed"
+        else f"{args.batch} pairs a step, hh-like lengths (sequence median "
+        f"{assets['sequence_median']}, min {assets['sequence_min']}, max "
+        f"{assets['sequence_max']}; {assets['tokens_per_step']:.0f} real tokens a step)"
     )
     print(
-        f"| mode | dpo_lab tokens/s | TRL tokens/s | speed ratio | dpo_lab {mem} MiB | "
-        f"TRL {mem} MiB | memory ratio |"
+        f"\nmodel: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
+        f"{args.heads} heads ({args.kv_heads or args.heads} KV), intermediate "
+        f"{args.intermediate or 4 * args.hidden}; N = {assets['non_embedding_params'] / 1e6:.1f}M "
+        f"parameters outside the embeddings; {shape}; {args.device} {args.dtype}, "
+        f"{args.threads} threads; median of {args.steps} steps after {args.warmup} warm-up; "
+        f"dpo_lab logps.recompute={not args.no_recompute}"
     )
-    print("|---|---|---|---|---|---|---|")
-    for mode in args.modes.split(","):
-        a, b = results.get(("dpo_lab", mode)), results.get(("trl", mode))
-        fmt = lambda r, k: f"{r[k]:.0f}" if r else "—"  # noqa: E731
-        speed = f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}×" if a and b else "—"
-        memory = f"{a['peak_mib'] / b['peak_mib']:.2f}×" if a and b else "—"
-        print(
-            f"| {mode} | {fmt(a, 'tokens_per_s')} | {fmt(b, 'tokens_per_s')} | {speed} | "
-            f"{fmt(a, 'peak_mib')} | {fmt(b, 'peak_mib')} | {memory} |"
-        )
+    print(format_table(args, results, mem, assets["non_embedding_params"]))
     live = results.get(("dpo_lab", "live"))
     pre = results.get(("dpo_lab", "precomputed"))
     if live and pre:
@@ -363,6 +428,43 @@ def main() -> None:
             f"\ndpo_lab precomputed ÷ dpo_lab live: "
             f"{pre['tokens_per_s'] / live['tokens_per_s']:.2f}× tokens/s"
         )
+
+
+def format_table(args: argparse.Namespace, results: dict, mem: str, n_params: int) -> str:
+    """One row per mode: dpo_lab against TRL (and TRL with Liger, where it ran), speed and memory
+    ratios, and on CUDA each tool's MFU."""
+    peers = [t for t in ("trl", "trl_liger") if t in args.tools.split(",")]
+    names = {"trl": "TRL", "trl_liger": "TRL+Liger"}
+    cuda = args.device == "cuda"
+    head = ["mode", "dpo_lab tokens/s"]
+    for t in peers:
+        head += [f"{names[t]} tokens/s", f"speed ÷ {names[t]}"]
+    head += [f"dpo_lab {mem} MiB"]
+    for t in peers:
+        head += [f"{names[t]} {mem} MiB", f"memory ÷ {names[t]}"]
+    if cuda:
+        head += [f"MFU {n}" for n in ["dpo_lab", *(names[t] for t in peers)]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda r, k: f"{r[k]:.0f}" if r else "—"  # noqa: E731
+    for mode in args.modes.split(","):
+        a = results.get(("dpo_lab", mode))
+        row = [mode, fmt(a, "tokens_per_s")]
+        for t in peers:
+            b = results.get((t, mode))
+            ratio = f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}×" if a and b else "—"
+            row += [fmt(b, "tokens_per_s"), ratio]
+        row += [fmt(a, "peak_mib")]
+        for t in peers:
+            b = results.get((t, mode))
+            ratio = f"{a['peak_mib'] / b['peak_mib']:.2f}×" if a and b else "—"
+            row += [fmt(b, "peak_mib"), ratio]
+        if cuda:
+            for t in ["dpo_lab", *peers]:
+                r = results.get((t, mode))
+                mfu = MFU_FACTOR[mode] * n_params * r["tokens_per_s"] / PEAK_FLOPS if r else None
+                row += [f"{100 * mfu:.1f}%" if r else "—"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
