@@ -62,7 +62,9 @@ def load_model(
     A tokenizer without a pad token gets its EOS token as pad (padding is always masked).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its loading/writing bars are noise in a run's output
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     path = Path(name_or_path).expanduser()
