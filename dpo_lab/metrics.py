@@ -1,13 +1,16 @@
 """Per-example means of a split's metrics, correct across micro-batches and ranks.
 
-Every metric is a torchmetrics ``MeanMetric`` fed per-example values (a loss's batch scalar
-counts once per example of its batch), so a mean weights each example once, whatever the batch
-sizes, the gradient-accumulation micro-batches or the processes it was spread over: ``compute``
-reduces Σ value and Σ count over ranks before dividing. A subset that held no example anywhere
-(e.g. no undesirable KTO example in a step) has weight 0 and is left out rather than logged as 0.
+One torchmetrics ``Metric`` per split holds, for every metric name, the sum of its per-example
+values and their count (a loss's batch scalar counts once per example of its batch). ``compute``
+reduces both over ranks (torchmetrics' sync: one gather of the two state vectors, whatever the
+number of names) and divides, so a mean weights each example once, whatever the batch sizes, the
+gradient-accumulation micro-batches or the processes it was spread over. A name with no example
+anywhere (e.g. no undesirable KTO example in a step) is left out rather than logged as 0.
 
-Names (without the split prefix) are those of the README's metrics table:
-``loss``, the loss's own extras (``kl``, ``penalty``, ``nll``, ...), ``rewards/{chosen,rejected}``,
+The names are fixed when the run is built (``metric_names``: the loss is called once on a
+two-example stand-in to learn its own extras), so every process reduces the same vector.
+Without the split prefix they are those of the README's metrics table: ``loss``, the loss's
+extras (``kl``, ``penalty``, ``nll``, ...), ``rewards/{chosen,rejected}``,
 ``logps/{chosen,rejected}``, ``ref_logps/{chosen,rejected}`` and, for paired data,
 ``rewards/{margins,accuracies}``. For unpaired data "chosen" means the desirable examples and
 "rejected" the undesirable ones.
@@ -15,87 +18,132 @@ Names (without the split prefix) are those of the README's metrics table:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 
-from dpo_lab.losses import LossOutput, PairedLogps, UnpairedLogps
+from dpo_lab.losses import LossOutput, LossSpec, PairedLogps, UnpairedLogps
+
+SIDES = ("chosen", "rejected")
 
 
-class _WeightedSum(MeanMetric):
-    """A ``MeanMetric`` whose ``compute`` gives (Σ value·weight, Σ weight) over every rank, so that
-    an empty subset is told apart from a mean that is really NaN."""
+def metric_names(loss: LossSpec, loss_kwargs: dict[str, Any], reference: bool) -> list[str]:
+    """Every name a step of this loss logs (see the module docstring)."""
+    values = torch.tensor([-1.0, -2.0])
+    tokens = torch.tensor([3, 3])
+    if loss.data == "paired":
+        policy: Any = PairedLogps(values, values.flip(0), tokens, tokens)
+        ref: Any = PairedLogps(values - 0.5, values.flip(0) - 0.5, tokens, tokens)
+        names = ["rewards/margins", "rewards/accuracies"]
+    else:
+        policy = UnpairedLogps(values, tokens, torch.tensor([True, False]), values.flip(0))
+        ref = UnpairedLogps(values - 0.5, tokens, torch.tensor([True, False]), values - 0.5)
+        names = []
+    out = loss(policy, ref if loss.reference else None, **loss_kwargs)
+    names += [f"{kind}/{side}" for kind in ("rewards", "logps") for side in SIDES]
+    if reference:
+        names += [f"ref_logps/{side}" for side in SIDES]
+    return ["loss", *out.metrics, *names]
+
+
+class PerExampleMeans(Metric):
+    """Sums and counts of per-example values, one entry per name; reduced by summing."""
+
+    full_state_update = False
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.names = list(names)
+        n = len(self.names)
+        # float64 sums: an epoch's worth of log-probs keeps its digits
+        self.add_state("totals", torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _apply(self, fn: Any, exclude_state: Any = ()) -> PerExampleMeans:
+        """Moves with the module, but stays float64: ``bf16-true`` casts the LightningModule
+        with ``.to(bfloat16)``, which torchmetrics would apply to the sums too."""
+        this = super()._apply(fn, exclude_state)
+        for key in ("totals", "counts"):
+            setattr(this, key, getattr(this, key).double())
+            this._defaults[key] = this._defaults[key].double()
+        return this
+
+    def update(self, values: dict[str, Tensor]) -> None:
+        """``values``: name → per-example values (any shape, possibly empty), every name."""
+        sums = torch.stack([values[k].detach().double().sum() for k in self.names])
+        counts = torch.tensor(
+            [float(values[k].numel()) for k in self.names], dtype=torch.float64
+        ).to(sums.device)
+        self.totals += sums
+        self.counts += counts
 
     def compute(self) -> Tensor:
-        return torch.stack([self.mean_value, self.weight])
+        return torch.stack([self.totals, self.counts])
 
 
 class PreferenceMetrics(nn.Module):
     """The metrics of one split; ``paired`` says once which kind of data it describes."""
 
-    def __init__(self, paired: bool):
+    def __init__(self, paired: bool, names: list[str]):
         super().__init__()
-        self.means = nn.ModuleDict()  # one metric per name, made at its first update
-        self._keep = True
-        self._update = self._paired if paired else self._unpaired
+        self.means = PerExampleMeans(names)
+        self._values = self._paired if paired else self._unpaired
 
     def update(
         self, policy: PairedLogps | UnpairedLogps, reference, out: LossOutput, weight: float = 1.0
     ) -> None:
         """Add one micro-batch: the policy's and reference's log-probs and the loss's output.
-        ``weight=0`` adds no example but still makes every name (a process with nothing to add
-        must take part in the same reductions as the others)."""
-        self._keep = weight != 0
+        ``weight=0`` adds no example (a stand-in batch: see ``PreferenceModule.training_step``)."""
         B = len(out.losses)
-        self._add("loss", out.losses.detach())
+        values = {"loss": out.losses}
         for name, value in out.metrics.items():  # batch scalars: one value per example
-            self._add(name, value.detach().reshape(()).expand(B))
-        self._update(policy, reference, out)
-        self._keep = True
+            values[name] = value.reshape(()).expand(B)
+        values.update(self._values(policy, reference, out))
+        if weight == 0:
+            values = {k: v[:0] for k, v in values.items()}
+        self.means.update(values)
 
-    def _paired(self, policy: PairedLogps, reference: PairedLogps | None, out: LossOutput) -> None:
+    @staticmethod
+    def _paired(policy: PairedLogps, reference: PairedLogps | None, out: LossOutput):
         chosen, rejected = out.chosen_rewards, out.rejected_rewards
-        self._add("rewards/chosen", chosen)
-        self._add("rewards/rejected", rejected)
-        self._add("rewards/margins", chosen - rejected)
-        self._add("rewards/accuracies", (chosen > rejected).float())
-        self._add("logps/chosen", policy.chosen.detach())
-        self._add("logps/rejected", policy.rejected.detach())
+        values = {
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margins": chosen - rejected,
+            "rewards/accuracies": (chosen > rejected).float(),
+            "logps/chosen": policy.chosen,
+            "logps/rejected": policy.rejected,
+        }
         if reference is not None:
-            self._add("ref_logps/chosen", reference.chosen)
-            self._add("ref_logps/rejected", reference.rejected)
+            values |= {
+                "ref_logps/chosen": reference.chosen,
+                "ref_logps/rejected": reference.rejected,
+            }
+        return values
 
-    def _unpaired(
-        self, policy: UnpairedLogps, reference: UnpairedLogps | None, out: LossOutput
-    ) -> None:
-        for name, sel in (("chosen", policy.desirable), ("rejected", ~policy.desirable)):
-            self._add(f"rewards/{name}", out.chosen_rewards[sel])  # may be empty: weight 0
-            self._add(f"logps/{name}", policy.completion.detach()[sel])
+    @staticmethod
+    def _unpaired(policy: UnpairedLogps, reference: UnpairedLogps | None, out: LossOutput):
+        values = {}
+        for side, sel in zip(SIDES, (policy.desirable, ~policy.desirable), strict=True):
+            values[f"rewards/{side}"] = out.chosen_rewards[sel]  # may be empty: count 0
+            values[f"logps/{side}"] = policy.completion[sel]
             if reference is not None:
-                self._add(f"ref_logps/{name}", reference.completion[sel])
-
-    def _add(self, name: str, values: Tensor) -> None:
-        key = name.replace("/", "__")  # module names cannot hold "."; "/" is kept readable
-        if key not in self.means:
-            # nan_strategy="disable": a non-finite loss is reported as it is, never dropped.
-            # (torchmetrics 1.9 then ignores any `weight` argument, so none is ever passed:
-            # every value is one example's)
-            self.means[key] = _WeightedSum(nan_strategy="disable").to(values.device)
-        self.means[key].update(values.float() if self._keep else values.float()[:0])
+                values[f"ref_logps/{side}"] = reference.completion[sel]
+        return values
 
     def compute(self) -> dict[str, Tensor]:
         """Per-example means over everything added since the last reset, reduced over ranks
-        (every rank must call this). Names whose examples numbered 0 everywhere are left out."""
-        keys = [k for k, m in self.means.items() if m._update_count]  # e.g. a skipped step
-        if not keys:
+        (every rank calls this). Names with no example anywhere are left out."""
+        if not self.means._update_count:  # nothing added (a skipped step): nothing to report
             return {}
-        sums = torch.stack([self.means[k].compute() for k in keys]).cpu()  # one device sync
+        totals, counts = self.means.compute().cpu()  # the one device sync
         return {
-            k.replace("__", "/"): total / weight
-            for k, (total, weight) in zip(keys, sums, strict=True)
-            if weight > 0
+            k: (t / c).float()
+            for k, t, c in zip(self.means.names, totals, counts, strict=True)
+            if c > 0
         }
 
     def reset(self) -> None:
-        for metric in self.means.values():
-            metric.reset()
+        self.means.reset()

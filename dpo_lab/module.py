@@ -24,7 +24,7 @@ from dpo_lab.errors import ConfigError
 from dpo_lab.faults import rng_state, set_rng_state
 from dpo_lab.logps import paired_logps, unpaired_logps
 from dpo_lab.losses import LossOutput, LossSpec, UnpairedLogps
-from dpo_lab.metrics import PreferenceMetrics
+from dpo_lab.metrics import PreferenceMetrics, metric_names
 from dpo_lab.sharding import all_gather_ragged, shards_gradients, synced_generation
 
 
@@ -71,8 +71,9 @@ class PreferenceModule(L.LightningModule):
         self._reference_logps = (
             None if reference is None else (reference.paired if paired else reference.unpaired)
         )
-        self.train_metrics = PreferenceMetrics(paired)
-        self.val_metrics = PreferenceMetrics(paired)
+        names = metric_names(loss, loss_kwargs, reference is not None)
+        self.train_metrics = PreferenceMetrics(paired, names)
+        self.val_metrics = PreferenceMetrics(paired, names)
 
     def on_fit_start(self) -> None:
         """Train mode for the policy: Lightning keeps the modes modules were built in, and
@@ -93,30 +94,48 @@ class PreferenceModule(L.LightningModule):
         return policy, reference, self.loss(policy, reference, **self.loss_kwargs)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
-        weight = 1.0
+        scale: Any = 1.0
+        keep = True
         if self.online is not None:  # the batch's prompts, answered by the policy and judged
-            model = None if self.reference is None else self.reference.model
-            several = self._trainer is not None and self.trainer.world_size > 1
-            batch, online_metrics = self.online(
-                self.policy,
-                model,
-                batch,
-                synced_gpus=synced_generation(self._trainer),
-                placeholder=several,
-            )
-            self.log_dict(online_metrics, on_step=True, batch_size=1)
+            batch, scale, keep = self._online_batch(batch)
             if batch is None:  # every prompt's samples tied: nothing to learn from this step
                 return None
-            if online_metrics["online/pairs"] == 0:
-                # Tied here but maybe not on the other processes: returning None would leave
-                # DDP's gradient all-reduce and the metric reductions waiting for this process.
-                # A stand-in pair with weight 0 adds nothing to the gradient or the metrics.
-                weight = 0.0
         policy, reference, out = self.model_step(batch, "train")
-        self.train_metrics.update(policy, reference, out, weight=weight)
+        self.train_metrics.update(policy, reference, out, weight=float(keep))
         self._progress_bar(out, on_epoch=False)
-        loss = out.losses.mean() * weight
-        return {"loss": loss, "tokens": _tokens(batch), "examples": int(len(out.losses) * weight)}
+        loss = out.losses.mean() * scale
+        return {"loss": loss, "tokens": _tokens(batch), "examples": len(out.losses) * keep}
+
+    def _online_batch(self, batch: dict[str, Any]) -> tuple[Any, Any, bool]:
+        """(pairs sampled from the policy and judged, the loss's scale, whether they count).
+
+        Processes form different numbers of pairs, and DDP averages gradients over processes,
+        so each process's mean loss is scaled by its share, n·W/N: the step's gradient is then
+        the mean over every pair formed anywhere. A process whose prompts all tied trains a
+        stand-in pair at scale 0 rather than returning None, which would leave the others
+        waiting in DDP's gradient all-reduce and the metric reductions (DeepSpeed, even on one
+        process, refuses a None step). If every process tied, the step's gradient is 0.
+        """
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        model = None if self.reference is None else self.reference.model
+        trainer = self._trainer
+        several = trainer is not None and trainer.world_size > 1
+        deepspeed = trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy)
+        batch, metrics = self.online(
+            self.policy,
+            model,
+            batch,
+            synced_gpus=synced_generation(trainer),
+            placeholder=several or deepspeed,
+        )
+        self.log_dict(metrics, on_step=True, batch_size=1)
+        pairs = metrics["online/pairs"]
+        if batch is None or not several:
+            return batch, float(pairs > 0), pairs > 0
+        n = torch.tensor(float(pairs), device=self.device)
+        total = trainer.strategy.reduce(n, reduce_op="sum")
+        return batch, n * trainer.world_size / total.clamp(min=1.0), pairs > 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the step's metrics: means over every micro-batch it accumulated, on every rank."""

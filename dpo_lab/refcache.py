@@ -93,6 +93,7 @@ def precompute(
     *,
     device: torch.device,
     precision: str,
+    precision_plugin: str = "",
     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     out_dir: str | Path,
     cache_path: str | None = None,
@@ -110,6 +111,8 @@ def precompute(
         datamodule: the run's ``PreferenceDataModule`` (its tokenized train and val pairs).
         device: where to score (the trainer's root device).
         precision: the trainer's precision, part of the cache key (autocast changes the values).
+        precision_plugin: the plugin's class name, also in the key: the same precision string
+            autocasts under AMP and FSDP but casts the weights under DeepSpeed.
         forward_context: the precision plugin's forward context (autocast), as in training.
         out_dir: the run dir; ``reference_cache.json`` is written there.
         cache_path: an explicit file to use or create; None names it by its key in the cache root.
@@ -125,7 +128,8 @@ def precompute(
         "val_items": items_fingerprint(dm.val_items),
         "reference_weights": weights_fingerprint(model),
         "reference_dtype": str(next(model.parameters()).dtype),
-        "precision": str(precision),
+        "precision": str(precision),  # with the plugin: autocast or cast weights
+        "precision_plugin": precision_plugin,
     }
     key = hashlib.blake2b(json.dumps(meta, sort_keys=True).encode(), digest_size=12).hexdigest()
     path = (

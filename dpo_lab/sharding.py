@@ -103,3 +103,21 @@ def all_gather_ragged(values: torch.Tensor) -> torch.Tensor:
     out = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes, strict=True)])
+
+
+def compute_dtype(trainer: L.Trainer) -> torch.dtype | None:
+    """The dtype the precision plugin or strategy makes the policy compute in, where it casts
+    the policy's weights: ``*-true`` precisions, DeepSpeed (its engine casts the model), FSDP's
+    ``param_dtype``. None under AMP (``*-mixed`` on one process or DDP: weights kept, matmuls
+    autocast) and fp32. The reference, which Lightning does not see, is cast to it (``build``)
+    so that policy and reference compute alike: the implicit reward is 0 at step 0."""
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision, FSDPPrecision, HalfPrecision
+
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, HalfPrecision):
+        return plugin._desired_input_dtype
+    if isinstance(plugin, DeepSpeedPrecision):
+        return plugin._desired_dtype
+    if isinstance(plugin, FSDPPrecision):
+        return plugin.mixed_precision_config.param_dtype
+    return None

@@ -46,7 +46,7 @@ from dpo_lab.module import PreferenceModule
 from dpo_lab.online import OnlinePairs, TaskRewardJudge
 from dpo_lab.refcache import precompute
 from dpo_lab.reference import LiveReference
-from dpo_lab.sharding import full_policy_state, shards_parameters
+from dpo_lab.sharding import compute_dtype, full_policy_state, shards_parameters
 
 log = logging.getLogger("dpo_lab")
 
@@ -141,6 +141,12 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
             f"trainer.precision={cfg.trainer.precision}: fp16 weights with no loss scaling "
             "overflow (NaN at the first step on the embedded task); use 16-mixed (fp32 weights, "
             "fp16 compute, a GradScaler), bf16-mixed or bf16-true"
+        )
+    if str(cfg.trainer.get("precision")) in ("bf16-true", "bf16"):
+        log.warning(
+            "trainer.precision=bf16-true trains bf16 weights (model.trainable_dtype does not "
+            "apply): an update below half their resolution rounds away, e.g. norm weights near "
+            "1.0 do not move at lr 5e-4. bf16-mixed keeps fp32 master weights"
         )
     if cfg.probe.size < 1 or cfg.probe.every_n_steps < 1:
         raise ConfigError("probe.size and probe.every_n_steps must be >= 1")
@@ -249,6 +255,13 @@ def build(cfg: DictConfig) -> Run:
     loggers = build_loggers(cfg, out, datamodule, resuming=ckpt_path is not None)
     trainer = build_trainer(cfg, loggers, build_callbacks(cfg, data, tokenizer, spec, loggers))
     check_strategy(trainer, policy)
+    # Lightning casts the policy for *-true precisions, DeepSpeed and FSDP's param_dtype; the
+    # reference is not the module's, so it gets the same compute dtype here (unless named)
+    cast = compute_dtype(trainer)
+    own_weights = isinstance(reference_model, PeftReference)  # LoRA: the policy's own, cast
+    if reference_model is not None and cast is not None and not own_weights:
+        if cfg.reference.dtype is None:
+            reference_model.to(cast)
 
     reference = None
     if cfg.reference.precompute:  # score every pair once; then train without the reference model
@@ -257,6 +270,7 @@ def build(cfg: DictConfig) -> Run:
             datamodule,
             device=trainer.strategy.root_device,
             precision=str(trainer.precision),
+            precision_plugin=type(trainer.precision_plugin).__name__,
             forward_context=trainer.precision_plugin.forward_context,
             out_dir=out,
             cache_path=cfg.reference.cache_path,

@@ -140,3 +140,35 @@ def test_chat_template_inline_or_from_a_file(tmp_path):
     assert read_chat_template(str(f)) == "{{ messages }}"
     with pytest.raises(ConfigError, match="not a Jinja template and no such file"):
         read_chat_template(str(tmp_path / "missing.jinja"))
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_every_module_and_config(tmp_path):
+    """A non-editable install works: the built wheel holds every dpo_lab module and every yaml
+    (a package missing from pyproject's list, as dpo_lab.callbacks once was, is only noticed
+    outside an editable checkout)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a clean copy: setuptools reuses a checkout's build/ directory
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, src / name)
+    for name in ("dpo_lab", "conf"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(src)],
+        check=True, capture_output=True, timeout=240,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("dpo_lab-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {str(p.relative_to(root)) for p in (root / "dpo_lab").rglob("*.py")}
+    configs = {
+        "dpo_lab/conf/" + str(p.relative_to(root / "conf")) for p in (root / "conf").rglob("*.yaml")
+    }
+    assert not modules - names, sorted(modules - names)
+    assert not configs - names, sorted(configs - names)

@@ -238,12 +238,30 @@ def fp32_reference(tmp_path_factory):
     return runs
 
 
+def start_weights(tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The embedded SFT base every run starts from (the shrunk task, built once per session)."""
+    from conftest import make_cfg
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from dpo_lab.models import resolve_name_or_path
+
+    cfg = make_cfg(tmp_path / "unused")
+    source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
+    return load_file(
+        Path(resolve_name_or_path(cfg.model.name_or_path, source)) / "model.safetensors"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 @pytest.mark.parametrize("cell", list(MATRIX), ids=["-".join(c) for c in MATRIX])
 def test_precision_and_strategy_matrix(tmp_path, cell, mode, fp32_reference):
-    """Each cell trains: finite losses and gradient norms every step, and final weights within
-    the precision's reach of one fp32 process with the same examples."""
+    """Each cell trains as one fp32 process with the same examples does: at step 0 the implicit
+    reward is exactly 0 (the reference computes as the policy does), losses and gradient norms
+    are finite, every trained weight moved, and each weight's update is the fp32 one's to within
+    the precision (relative difference of the updates, not of the weights: a cell that did not
+    train fails)."""
     out = tmp_path / "run"
     extra = LORA if mode == "lora" else []
     cli(*QUICK, *extra, *MATRIX[cell], "dataset.batch_size=8", f"hydra.run.dir={out}",
@@ -251,15 +269,32 @@ def test_precision_and_strategy_matrix(tmp_path, cell, mode, fp32_reference):
     with open(out / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(rows) == 3
+    assert float(rows[0]["train/rewards/chosen"]) == float(rows[0]["train/rewards/margins"]) == 0
     assert all(math.isfinite(float(r["train/loss"])) for r in rows)
     assert all(0 < float(r["train/grad_norm"]) < math.inf for r in rows)
     w, ref = weights(out), weights(fp32_reference[mode])
-    start = "lora_B" if mode == "lora" else ""  # LoRA's B starts at 0: it moved off it
-    moved = [k for k in w if start in k]
-    assert moved and all(w[k].abs().max() > 0 for k in moved)
-    tol = 0.03  # bf16 keeps 8 bits of mantissa; measured 0.001-0.015
-    worst = max((w[k].float() - ref[k].float()).abs().max().item() for k in w)
-    assert worst < tol + 1e-4, worst
+    if mode == "lora":  # B starts at 0: its value is its update
+        updates = {k: (w[k].float(), ref[k].float()) for k in w if "lora_B" in k}
+    else:
+        start = start_weights(tmp_path)
+        updates = {k: (w[k].float() - start[k], ref[k].float() - start[k]) for k in w}
+    if cell[1] == "bf16-true" and mode == "full":
+        # bf16 weights, no fp32 masters (FSDP flattens the already-cast bf16 module): an update
+        # below half their resolution rounds away. The norm weights (about 1.0, spacing 2^-7)
+        # do not move at lr 5e-4; the matrices do.
+        lost = {
+            k
+            for k, (_, u_ref) in updates.items()
+            if u_ref.abs().max() < 2**-8 * start[k].abs().mean()
+        }
+        assert lost == {k for k in updates if k.endswith("norm.weight")}, lost
+        bf16 = torch.bfloat16  # final/ may hold them as fp32 (FSDP's gathered copy)
+        assert all(torch.equal(w[k].to(bf16), start[k].to(bf16)) for k in lost)  # not moved
+        updates = {k: v for k, v in updates.items() if k not in lost}
+    assert updates and all(u.abs().max() > 0 for u, _ in updates.values())
+    for k, (u, u_ref) in updates.items():  # measured up to 0.21 (bf16 embeddings)
+        rel = ((u - u_ref).norm() / u_ref.norm()).item()
+        assert rel < 0.35, (k, rel)
 
 
 def test_fsdp_refuses_a_policy_of_two_dtypes(tmp_path):

@@ -142,7 +142,7 @@ def test_grad_norm_is_before_clipping(tmp_path):
 def test_metrics_weight_every_example_once():
     """Two micro-batches of 3 and 1 pairs: the step's means are over the 4 examples, not a mean
     of the two batch means; an empty KTO subset is left out, not logged as 0."""
-    m = PreferenceMetrics(paired=True)
+    m = PreferenceMetrics(paired=True, names=["loss", "extra", *PAIRED_NAMES])
 
     def add(chosen, rejected):
         c, r = torch.tensor(chosen), torch.tensor(rejected)
@@ -158,14 +158,31 @@ def test_metrics_weight_every_example_once():
     assert out["extra"] == pytest.approx((1 + 2 - 2 + 10) / 4)  # batch scalars weighted by size
     assert "ref_logps/chosen" not in out
     m.reset()
-    assert m.compute() == {}
+    assert m.compute() == {}  # nothing added since: nothing reported
 
-    u = PreferenceMetrics(paired=False)
+    u = PreferenceMetrics(paired=False, names=["loss", *UNPAIRED_NAMES])
     x = torch.tensor([0.5, -0.5])
     pol = UnpairedLogps(x, torch.ones(2), torch.tensor([True, True]), x)
     u.update(pol, None, LossOutput(x, x))
     out = u.compute()
     assert out["rewards/chosen"] == pytest.approx(0.0) and "rewards/rejected" not in out
+
+
+PAIRED_NAMES = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected"]  # fmt: skip
+UNPAIRED_NAMES = ["rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"]
+
+
+def test_metric_names_come_from_the_loss_itself():
+    from dpo_lab.losses import get_loss
+    from dpo_lab.metrics import metric_names
+
+    assert metric_names(get_loss("dpop"), {"beta": 0.1}, True) == [
+        "loss", "penalty", "rewards/margins", "rewards/accuracies", *PAIRED_NAMES[:2],
+        *PAIRED_NAMES[4:], "ref_logps/chosen", "ref_logps/rejected",
+    ]  # fmt: skip
+    assert metric_names(get_loss("kto"), {"beta": 0.1}, True)[:2] == ["loss", "kl"]
+    assert "ref_logps/chosen" not in metric_names(get_loss("simpo"), {"beta": 2.0}, False)
 
 
 @pytest.mark.slow

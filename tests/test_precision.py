@@ -53,6 +53,11 @@ def fit(out: Path, *overrides: str):
     return run, start
 
 
+def first_row(out: Path) -> dict[str, str]:
+    with open(out / "metrics.csv", newline="") as f:
+        return next(r for r in csv.DictReader(f) if r.get("train/loss"))
+
+
 @pytest.fixture(scope="module")
 def fp32_losses(tmp_path_factory) -> list[float]:
     out = tmp_path_factory.mktemp("fp32")
@@ -70,14 +75,25 @@ def test_every_precision_trains_every_weight(tmp_path, precision, mode, fp32_los
     lora = LORA if mode == "lora" else []
     run, start = fit(tmp_path, *PRECISIONS[precision], *lora)
     assert run.trainer.global_step == 4
-    unchanged = [
+    unchanged = [  # against the start in the trained dtype (bf16-true casts it first)
         n
         for n, p in run.module.policy.named_parameters()
-        if p.requires_grad and torch.equal(p.detach().to(start[n].dtype), start[n])
+        if p.requires_grad and torch.equal(p.detach(), start[n].to(p.dtype))
     ]
-    assert not unchanged, unchanged  # an fp16 run whose scaler never steps fails here
+    if precision == "bf16-true" and mode == "full":
+        # bf16 weights, no fp32 masters: Adam's steps of about lr = 5e-4 are below half the
+        # bf16 spacing of the norm weights (about 1.0: 2^-7), so those never move; the
+        # matrices (about 0.03) do. Measured: 0 of each norm weight, 94-97% of each matrix.
+        assert unchanged and all(n.endswith("norm.weight") for n in unchanged), unchanged
+    else:
+        assert not unchanged, unchanged  # an fp16 run whose scaler never steps fails here
     got = losses(tmp_path)
     assert len(got) == 4 and all(map(torch.isfinite, torch.tensor(got)))
+    # step 0: the reference computes as the policy does (bf16-true casts both), so the implicit
+    # reward is exactly 0 (bf16-true's fp32 reference gave -3.5e-4 before)
+    step0 = first_row(tmp_path)
+    assert float(step0["train/rewards/margins"]) == 0.0
+    assert float(step0["train/rewards/chosen"]) == 0.0
     # step 0: the same weights (LoRA's B is 0), only the arithmetic differs
     assert abs(got[0] - fp32_losses[0]) <= LOSS_TOL[precision], (got[0], fp32_losses[0])
     # the trained weights: fp32 masters, except where the precision itself casts the model
@@ -211,3 +227,44 @@ def test_plugins_from_the_config_reach_the_trainer(tmp_path):
     run = build(make_cfg(tmp_path, *PRECISIONS["16-mixed"]))
     plugin = run.trainer.precision_plugin
     assert plugin.precision == "16-mixed" and plugin.scaler.get_scale() == 256
+
+
+@pytest.mark.slow
+def test_a_nan_that_no_loss_scale_removes_stops_the_run(tmp_path):
+    """Under fp16, non-finite gradients from a finite loss are first the scaler's to skip; when
+    they keep coming (a NaN no scale removes), the run stops rather than stall forever."""
+    from dpo_lab.errors import NonFiniteError
+
+    run = build(
+        make_cfg(
+            tmp_path,
+            "trainer.max_steps=10",
+            "eval.num_prompts=0",
+            *PRECISIONS["16-mixed"],
+        )
+    )
+    guard = next(c for c in run.trainer.callbacks if isinstance(c, NonFiniteGuard))
+    guard.MAX_OVERFLOWS = 3
+    head = run.module.policy.lm_head.weight
+    head.register_hook(lambda g: torch.full_like(g, float("nan")) if run.trainer.global_step else g)
+    with pytest.raises(NonFiniteError, match="3 steps in a row.*not an overflow"):
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert guard.overflows == 3
+
+
+def test_the_guard_names_no_gradient_it_cannot_find():
+    """A norm that is non-finite while no gradient here is (another process's shard under FSDP):
+    the error says so. Before, next() without a default raised StopIteration inside the hook,
+    which Lightning takes for the end of the epoch: training stopped silently."""
+    from types import SimpleNamespace
+
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    opt = torch.optim.SGD([p], lr=0.1)
+    module = torch.nn.Module()
+    module.w = p
+    guard = NonFiniteGuard()
+    err = guard._error(SimpleNamespace(global_step=3), module, opt, [], ["a"], bad_loss=False)
+    assert "no single gradient here is non-finite" in str(err)
+    err = guard._error(SimpleNamespace(global_step=3), module, opt, [torch.ones(())], [], True)
+    assert "on another process" in str(err)

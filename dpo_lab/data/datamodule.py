@@ -262,20 +262,27 @@ class EpochSampler(DistributedSampler):
 
 
 class ShardSampler(DistributedSampler):
-    """Evaluation across processes: rank r takes indices r, r+W, ... in order, each example once
-    (no padding with repeats, so sync_dist means over every rank are exact per-example means)."""
+    """Evaluation across processes: rank r takes a contiguous block of the indices, each example
+    once (no padding with repeats, so means over every rank are exact per-example means).
+
+    Blocks, not every W-th index: paired data split for KTO comes as chosen₀, rejected₀, ...,
+    and every W-th index would give one process only desirable examples and the other only
+    undesirable ones (and each its own KL reference point from them)."""
 
     def __init__(self, n: int, num_replicas: int, rank: int):
         self.n, self.num_replicas, self.rank = n, num_replicas, rank
+        size, extra = divmod(n, num_replicas)
+        self.start = rank * size + min(rank, extra)
+        self.stop = self.start + size + (rank < extra)
 
     def set_epoch(self, epoch: int) -> None:
         pass
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.num_replicas))
+        return self.stop - self.start
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.num_replicas))
+        return iter(range(self.start, self.stop))
 
 
 class LengthGroupedSampler(EpochSampler):
@@ -444,6 +451,11 @@ class PreferenceDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         world = trainer.world_size if trainer else 1
+        if world > len(self.val_items):  # a process without a batch would miss the reductions
+            raise DataError(
+                f"{len(self.val_items)} validation examples for {world} processes: every process "
+                "needs at least one; add held-out data or use fewer processes"
+            )
         sampler = (
             ShardSampler(len(self.val_items), world, trainer.global_rank) if world > 1 else None
         )
