@@ -42,14 +42,17 @@ def evaluate(
     declares (``stop_token_ids``). Each model samples from the same seeded RNG state, so the
     reference's numbers are identical across runs that share ``seed`` and prompts.
     """
-    stop = stop_token_ids(policy, tokenizer)  # the same for both: one tokenizer, one base
-    kw = dict(
-        max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, stop=stop
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature)
+    # each model's own end tokens (a reference named apart may declare others); a LoRA reference
+    # is the policy's base, which declares what the policy does
+    stop = stop_token_ids(policy, tokenizer)
+    ref_stop = (
+        stop_token_ids(reference, tokenizer) if hasattr(reference, "generation_config") else stop
     )
     torch.manual_seed(seed)
-    pol = generate(policy, tokenizer, prompts, top_p=top_p, **kw)
+    pol = generate(policy, tokenizer, prompts, top_p=top_p, stop=stop, **kw)
     torch.manual_seed(seed)
-    ref = generate(reference, tokenizer, prompts, top_p=top_p, **kw)
+    ref = generate(reference, tokenizer, prompts, top_p=top_p, stop=ref_stop, **kw)
     pad = tokenizer.pad_token_id
     kl = sequence_logps(policy, pol, pad, batch_size) - sequence_logps(
         reference, pol, pad, batch_size

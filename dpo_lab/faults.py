@@ -115,8 +115,8 @@ class MetricsRowsAtCheckpoint(L.Callback):
     """After a resume, ``metrics.csv`` holds each logged row once.
 
     A run killed after its last checkpoint has logged rows the resumed run logs again. Every
-    checkpoint records how many rows the file held when it was written (it is flushed at every
-    log) and the step; on resume, the file keeps those rows, plus the rows written after the
+    checkpoint records how many rows the file held when it was written (flushed first) and the
+    step; on resume, the file keeps those rows, plus the rows written after the
     checkpoint for steps before it (Lightning logs a step's training row just after that step's
     checkpoint, and the resumed run starts at the next step), and drops the rest.
     """
@@ -127,7 +127,12 @@ class MetricsRowsAtCheckpoint(L.Callback):
         self.path = Path(path)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
+        from lightning.pytorch.loggers import CSVLogger
+
         rows = 0
+        for lg in trainer.loggers:  # rows a CSV logger still holds (flush_logs_every_n_steps > 1)
+            if isinstance(lg, CSVLogger):
+                lg.save()
         if trainer.is_global_zero and self.path.exists():
             with open(self.path, newline="") as f:
                 rows = sum(1 for _ in csv.DictReader(f))

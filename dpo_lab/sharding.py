@@ -69,15 +69,13 @@ def synced_generation(trainer: L.Trainer | None) -> bool:
 def full_policy_state(trainer: L.Trainer, module: Any) -> dict[str, Any] | None:
     """The trained policy's whole state dict on process 0 (None elsewhere); every process calls
     this. Under FSDP through the strategy's full state dict (``state_dict_type: full``), under
-    ZeRO-3 by gathering the partitioned weights."""
+    ZeRO-3 through DeepSpeed's consolidated 16-bit state dict (gathered a module at a time, so
+    no process holds every weight on its GPU at once; ``final/`` then holds bf16/fp16 weights)."""
     if _fsdp_root(trainer) is not None:
         state = trainer.strategy.lightning_module_state_dict()
     elif _zero3(trainer):
-        import deepspeed
-
-        params = list(module.policy.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        # DeepSpeed gathers module by module onto process 0 (CPU), in the engine's 16-bit dtype
+        state = trainer.strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
     else:
         state = module.state_dict()
     if not trainer.is_global_zero:

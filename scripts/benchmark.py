@@ -19,16 +19,22 @@ log-probs computed before training: dpo_lab's named reference cache, TRL's
 Tools: ``dpo_lab``, ``trl`` (TRL's defaults) and ``trl_liger`` (TRL with
 ``use_liger_kernel=True``; ``pip install liger-kernel``, CUDA only).
 
+``--tie`` ties the input embedding and the LM head, as Qwen2.5-0.5B does. ``--results FILE``
+appends each child's result as a JSON line as soon as it finishes, so a run cut short keeps
+what it measured.
+
 ``--lengths hh`` draws each pair's lengths to match real preference data (Anthropic hh-rlhf
 harmless-base with the Llama-2 tokenizer: a sequence's median 132 tokens, min 21, max 437 under
 a 512 cap; a completion's median 27), where padding matters; tokens/s then counts the mean real
 tokens a step. On CUDA the table adds MFU = k·N·tokens/s ÷ 989 TFLOP/s (H100 dense bf16), with
-N the parameters outside the embeddings and k = 8 with a live reference (policy forward and
+N the parameters of every matmul (the decoder's and the LM head's; not the input embedding, a
+lookup; attention's own score FLOPs are left out, so MFU is a slight underestimate) and k = 8
+with a live reference (policy forward and
 backward 6N, reference forward 2N), 6 otherwise (no reference forward; LoRA's frozen base still
 costs its forward and the backward through its activations).
 
     python scripts/benchmark.py --device cuda --dtype bf16 --vocab 151936 --hidden 896 \
-        --layers 24 --heads 14 --kv-heads 2 --intermediate 4864 --batch 8 \
+        --layers 24 --heads 14 --kv-heads 2 --intermediate 4864 --tie --batch 8 \
         --modes live,precomputed,lora --tools dpo_lab,trl,trl_liger     # the Qwen2.5-0.5B shape
 """
 
@@ -77,15 +83,16 @@ def make_assets(args: argparse.Namespace, root: Path) -> None:
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads or args.heads,
         max_position_embeddings=max_length(args),
-        tie_word_embeddings=False,
+        tie_word_embeddings=args.tie,
         pad_token_id=0,
         eos_token_id=1,
     )
     model = LlamaForCausalLM(config)
-    embeddings = sum(
-        p.numel() for n, p in model.named_parameters() if "embed" in n or "lm_head" in n
-    )
-    non_embedding = sum(p.numel() for p in model.parameters()) - embeddings
+    # N for MFU: every matmul's weights, so the decoder and the LM head (tied or not: its matmul
+    # costs the same), not the input embedding (a lookup)
+    lookup = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    non_embedding = sum(p.numel() for p in model.parameters()) - lookup + head * args.tie
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     rng = random.Random(0)
@@ -310,6 +317,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: heads)")
+    ap.add_argument("--tie", action="store_true", help="tie the input embedding and LM head")
+    ap.add_argument("--results", default=None, help="append each child's result to this file")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     ap.add_argument("--completion", type=int, default=128, help="completion tokens (before EOS)")
     ap.add_argument("--batch", type=int, default=8, help="pairs per step")
@@ -365,7 +374,7 @@ def main() -> None:
         f"--{k.replace('_', '-')}={getattr(args, k)}"
         for k in shared
         if getattr(args, k) is not None
-    ]
+    ] + (["--tie"] if args.tie else [])
     results: dict[tuple[str, str], dict] = {}
     env = {
         **os.environ,
@@ -396,6 +405,9 @@ def main() -> None:
                 continue
             results[(tool, mode)] = json.loads(line[0][7:])
             r = results[(tool, mode)]
+            if args.results:  # kept even if this script is stopped before its table
+                with open(args.results, "a") as f:
+                    f.write(json.dumps({"tool": tool, "mode": mode, **r}) + "\n")
             print(
                 f"[{tool:7} {mode:11}] {r['tokens_per_s']:8.0f} tokens/s  "
                 f"{r['peak_mib']:7.0f} MiB peak",
@@ -416,7 +428,7 @@ def main() -> None:
         f"\nmodel: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
         f"{args.heads} heads ({args.kv_heads or args.heads} KV), intermediate "
         f"{args.intermediate or 4 * args.hidden}; N = {assets['non_embedding_params'] / 1e6:.1f}M "
-        f"parameters outside the embeddings; {shape}; {args.device} {args.dtype}, "
+        f"parameters in matmuls (decoder and LM head); {shape}; {args.device} {args.dtype}, "
         f"{args.threads} threads; median of {args.steps} steps after {args.warmup} warm-up; "
         f"dpo_lab logps.recompute={not args.no_recompute}"
     )
@@ -434,7 +446,9 @@ def format_table(args: argparse.Namespace, results: dict, mem: str, n_params: in
     """One row per mode: dpo_lab against TRL (and TRL with Liger, where it ran), speed and memory
     ratios, and on CUDA each tool's MFU."""
     peers = [t for t in ("trl", "trl_liger") if t in args.tools.split(",")]
-    names = {"trl": "TRL", "trl_liger": "TRL+Liger"}
+    # TRL 1.16's use_liger_kernel applies Liger's layer kernels only (TRL keeps its own chunked
+    # LM head and forces Liger's fused cross-entropy off)
+    names = {"trl": "TRL", "trl_liger": "TRL+Liger layers"}
     cuda = args.device == "cuda"
     head = ["mode", "dpo_lab tokens/s"]
     for t in peers:

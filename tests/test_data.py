@@ -197,9 +197,10 @@ def test_an_empty_response_is_kept_and_counted(tmp_path, tok, bpe):
     assert bpe.decode(items[0]["chosen_ids"]) == "<|end|>"  # the template's end of turn alone
 
 
-def test_left_truncation_keeps_bos_and_the_chat_header(bpe):
-    """A BPE tokenizer that adds BOS, and a chat template whose prompt opens with a special
-    token: cutting a long prompt from the left keeps them in front."""
+def test_left_truncation_keeps_bos(bpe):
+    """A byte-level BPE tokenizer that adds BOS: cutting a long prompt from the left keeps BOS
+    in front and counts the cut. A chat prompt is cut plainly: its opening header token is not
+    spliced onto the middle of a message."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
@@ -230,10 +231,9 @@ def test_left_truncation_keeps_bos_and_the_chat_header(bpe):
     conv = prepare(PreferenceData(conv, conv)).train
     full, _ = tokenize_rows(conv, bpe, max_length=512, max_prompt_length=512)
     cut, _ = tokenize_rows(conv, bpe, max_length=512, max_prompt_length=6)
-    user = bpe.convert_tokens_to_ids("<|user|>")
-    assert full[0]["prompt_ids"][0] == user
-    assert cut[0]["prompt_ids"] == [user] + full[0]["prompt_ids"][-5:]
-    assert bpe.decode(cut[0]["prompt_ids"][-1:]) == "<|assistant|>"  # the end is kept too
+    assert full[0]["prompt_ids"][0] == bpe.convert_tokens_to_ids("<|user|>")
+    assert cut[0]["prompt_ids"] == full[0]["prompt_ids"][-6:]
+    assert bpe.decode(cut[0]["prompt_ids"][-1:]) == "<|assistant|>"  # the end is kept
 
 
 def test_conversational_layouts(tmp_path, bpe):

@@ -32,6 +32,44 @@ STRATEGIES = {
 }
 
 
+def test_lean_head_equals_the_naive_path_in_bf16():  # first: in-process, quick
+    """A real vocabulary (151,936, Qwen2.5's) on the GPU, bf16 autocast: the lean path's values
+    and gradients against the full-logits path's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dpo_lab.logps import completion_logps
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = Qwen2ForCausalLM(config).cuda()
+    ids = torch.randint(0, 151936, (4, 96), device="cuda")
+    att = torch.ones_like(ids)
+    comp = torch.zeros_like(ids)
+    comp[:, 32:] = 1
+    out = {}
+    for lean in (True, False):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logps, _ = completion_logps(model, ids, att, comp, lean=lean)
+        logps.sum().backward()
+        out[lean] = (
+            logps.detach(),
+            model.lm_head.weight.grad.float().clone(),
+            model.model.layers[0].mlp.up_proj.weight.grad.float().clone(),
+        )
+    (a, ga, la), (b, gb, lb) = out[True], out[False]
+    assert (a - b).abs().max() < 1e-2 * b.abs().max()
+    assert ((ga - gb).norm() / gb.norm()) < 1e-2
+    assert ((la - lb).norm() / lb.norm()) < 1e-2
+
+
 def train_rows(out: Path) -> list[dict[str, str]]:
     with open(out / "metrics.csv", newline="") as f:
         return [r for r in csv.DictReader(f) if r.get("train/loss")]
@@ -89,6 +127,7 @@ def test_a_default_shaped_run_trains_every_weight(tmp_path, precision):
     assert json.loads((tmp_path / "unchanged.json").read_text()) == []
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and "eval/kl" in summary
+    assert_step0_reward_is_zero(out)
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
@@ -118,6 +157,19 @@ def test_sharded_strategy_on_one_gpu(tmp_path, strategy):
     )
     steps = [int(r["step"]) for r in train_rows(out)]
     assert steps == [0, 1, 2, 3]  # each step once: resumed at 2, not started over
+    assert_step0_reward_is_zero(out)
+    if strategy != "zero2":  # the resumed steps are the straight run's (weights, AdamW state)
+        straight = tmp_path / "straight"
+        run_cli(
+            *common,
+            "trainer.max_steps=4",
+            f"hydra.run.dir={straight}",
+            cwd=tmp_path,
+            env=gpu_helpers_env(),
+        )
+        a = [float(r["train/loss"]) for r in train_rows(out)]
+        b = [float(r["train/loss"]) for r in train_rows(straight)]
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-2, (a, b)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and "eval/kl" in summary and "probe/logps/chosen" in summary
     start, logged, scored = final_probe_logps(out)
@@ -174,42 +226,13 @@ def test_online_generation_on_cuda(tmp_path):
     assert summary["online/pairs_total"] > 0 and "eval/kl" in summary
 
 
-def test_lean_head_equals_the_naive_path_in_bf16():
-    """A real vocabulary (151,936, Qwen2.5's) on the GPU, bf16 autocast: the lean path's values
-    and gradients against the full-logits path's."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from dpo_lab.logps import completion_logps
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = Qwen2ForCausalLM(config).cuda()
-    ids = torch.randint(0, 151936, (4, 96), device="cuda")
-    att = torch.ones_like(ids)
-    comp = torch.zeros_like(ids)
-    comp[:, 32:] = 1
-    out = {}
-    for lean in (True, False):
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logps, _ = completion_logps(model, ids, att, comp, lean=lean)
-        logps.sum().backward()
-        out[lean] = (
-            logps.detach(),
-            model.lm_head.weight.grad.float().clone(),
-            model.model.layers[0].mlp.up_proj.weight.grad.float().clone(),
-        )
-    (a, ga, la), (b, gb, lb) = out[True], out[False]
-    assert (a - b).abs().max() < 1e-2 * b.abs().max()
-    assert ((ga - gb).norm() / gb.norm()) < 1e-2
-    assert ((la - lb).norm() / lb.norm()) < 1e-2
+def assert_step0_reward_is_zero(out: Path) -> None:
+    """Before any update the policy is the reference: the implicit reward is 0 where the
+    reference computes as the policy does (the strategy's dtype; bf16 kernels may differ in the
+    last bits between the two modules' layouts, hence 1e-3)."""
+    first = train_rows(out)[0]
+    assert abs(float(first["train/rewards/margins"])) < 1e-3, first["train/rewards/margins"]
+    assert abs(float(first["train/rewards/chosen"])) < 1e-3, first["train/rewards/chosen"]
 
 
 def gpu_helpers_env() -> dict[str, str]:

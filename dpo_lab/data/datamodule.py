@@ -16,13 +16,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dpo_lab.cache import cache_root
-from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_rows, special_ids
+from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_rows
 from dpo_lab.data.sources import PreferenceData
 from dpo_lab.errors import ConfigError, DataError
 
-# bump when tokenization changes: invalidates cached tokenized data. 2: left truncation keeps the
-# prompt's leading special tokens, and truncated prompts are counted
-TOKENIZE_VERSION = 2
+# bump when tokenization changes: invalidates cached tokenized data. 3: left truncation keeps
+# BOS, and truncated prompts are counted
+TOKENIZE_VERSION = 3
 PAIRED_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 UNPAIRED_FIELDS = ("prompt_ids", "completion_ids")
 
@@ -56,11 +56,13 @@ def _rows_fingerprint(rows: list[dict[str, Any]]) -> str:
 
 
 def truncate_prompt(ids: list[int], max_length: int, keep: set[int]) -> list[int]:
-    """The last ``max_length`` prompt tokens, keeping the prompt's leading special tokens.
+    """The last ``max_length`` prompt tokens, keeping the prompt's BOS in front.
 
-    A prompt is cut from the left (its end, next to the response, matters most), but its first
-    run of special tokens (BOS, a chat template's opening header token) stays in front: a model
-    trained with BOS must not see prompts without it.
+    A prompt is cut from the left (its end, next to the response, matters most), but a model
+    trained with BOS must not see prompts without it: the leading tokens in ``keep`` (the
+    tokenizer's BOS, which for Llama 3's template is also the template's first token) stay.
+    Other special tokens are not kept: a chat header such as ``<|im_start|>`` spliced onto the
+    middle of a message would be a turn with no role, no better than the cut itself.
     """
     if len(ids) <= max_length:
         return ids
@@ -82,13 +84,13 @@ def tokenize_rows(
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Tokenized items (paired or unpaired, by the rows' shape) and counts of what was cut.
 
-    The prompt is cut from the left to ``max_prompt_length`` tokens (``truncate_prompt``: its
-    leading special tokens kept) and counted (``truncated_prompts``); a row whose prompt plus
+    The prompt is cut from the left to ``max_prompt_length`` tokens (``truncate_prompt``: BOS
+    kept) and counted (``truncated_prompts``); a row whose prompt plus
     (longer) completion still exceeds ``max_length`` is dropped and counted (``too_long``), never
     truncated into a different response.
     """
     unpaired = bool(rows) and "completion" in rows[0]
-    special = special_ids(tokenizer)
+    special = {tokenizer.bos_token_id} - {None}
     items, counts = [], {"too_long": 0, "truncated_prompts": 0}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
