@@ -63,6 +63,13 @@ def run_cli(
     return proc
 
 
+def tests_on_path() -> dict[str, str]:
+    """An environment for ``run_cli`` in which tests/ is importable: a test's own callback or
+    strategy as a ``_target_``."""
+    tests = str(Path(__file__).parent)
+    return {"PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
+
+
 def make_cfg(output_dir: Path | str, *overrides: str, small: bool = True) -> DictConfig:
     """Compose the real ``conf/train.yaml`` with ``overrides`` (after the shrinking ones)."""
     base = SMALL if small else []

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli as cli
+from conftest import tests_on_path
 
 # Tolerance of the DDP equivalence: the two runs differ only in the order of floating-point
 # sums (gradients averaged by all-reduce, metrics reduced across ranks).
@@ -37,11 +38,14 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0", "model.lr=5e-3"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
-def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path, extra):
+def two_processes_against_one(
+    tmp_path: Path, strategy: list[str], extra: list[str], env: dict | None = None
+) -> tuple[Path, Path, dict, dict]:
+    """One process with batch 16 against two with batch 8 under ``strategy``: the same examples
+    each step, so the same losses and final weights, and validation, split unevenly (47 pairs:
+    24 and 23), reduced to the same per-example means (not a mean of the two ranks' means)."""
     common = [
-        "dataset.source.n_val=47",  # odd: the two processes validate 24 and 23 pairs
+        "dataset.source.n_val=47",
         "trainer.max_epochs=1",  # 96 pairs / 16 a step = 6 steps, then validation
         "trainer.log_every_n_steps=1",
         "optim.scheduler=null",
@@ -50,32 +54,28 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path, ext
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     cli(*common, "dataset.batch_size=16", f"hydra.run.dir={one}", cwd=tmp_path)
-    cli(
-        *common,
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.precision=32-true",
-        "dataset.batch_size=8",
-        f"hydra.run.dir={two}",
-        cwd=tmp_path,
-    )
+    cli(*common, *strategy, "dataset.batch_size=8", f"hydra.run.dir={two}", cwd=tmp_path, env=env)
     s1 = json.loads((one / "summary.json").read_text())
     s2 = json.loads((two / "summary.json").read_text())
-    assert s1["global_batch_size"] == s2["global_batch_size"] == 16
     assert s1["steps"] == s2["steps"] == 6
-    # the same examples each step: the same losses and the same final weights
     l1, l2 = train_losses(one), train_losses(two)
     assert sorted(l1) == sorted(l2) and len(l1) == 6
     for step in l1:
         assert abs(l1[step] - l2[step]) < DDP_ATOL, (step, l1[step], l2[step])
     w1, w2 = weights(one), weights(two)
+    assert w1.keys() == w2.keys()
     worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert worst < DDP_ATOL, worst
-    # validation split unevenly over the two processes, reduced as per-example means (not a mean
-    # of the two ranks' means): equal to one pass over all 47
     for key in ("val/loss", "val/rewards/accuracies", "val/rewards/margins", "val/logps/chosen"):
         assert abs(s1[key] - s2[key]) < DDP_ATOL, (key, s1[key], s2[key])
+    return one, two, s1, s2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
+def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path, extra):
+    one, two, s1, s2 = two_processes_against_one(tmp_path, DDP_CPU, extra)
+    assert s1["global_batch_size"] == s2["global_batch_size"] == 16
     assert not (two / "final_rank1").exists() and "eval/kl" in s2  # one report, from rank 0
 
 
@@ -94,14 +94,6 @@ FSDP_CPU = [
 ]
 
 
-def with_tests_on_path() -> dict[str, str]:
-    """The CLI's environment, with tests/ importable (the test-only CPU FSDP strategy)."""
-    import os
-
-    tests = str(Path(__file__).parent)
-    return {"PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
@@ -113,37 +105,8 @@ def test_fsdp_two_processes_match_one_process_with_the_global_batch(tmp_path, ex
     the same steps as one process with the global batch, the probe and the closed-form-style
     calls outside the sharded forward working on every rank, the end-of-run evaluation on a
     gathered copy, and final/ the whole trained model."""
-    common = [
-        "dataset.source.n_val=47",
-        "trainer.max_epochs=1",
-        "trainer.log_every_n_steps=1",
-        "optim.scheduler=null",
-        "eval.num_prompts=8",
-        *extra,
-    ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    cli(*common, "dataset.batch_size=16", f"hydra.run.dir={one}", cwd=tmp_path)
-    cli(
-        *common,
-        *FSDP_CPU,
-        "dataset.batch_size=8",
-        f"hydra.run.dir={two}",
-        cwd=tmp_path,
-        env=with_tests_on_path(),
-    )
-    s1 = json.loads((one / "summary.json").read_text())
-    s2 = json.loads((two / "summary.json").read_text())
-    assert s1["steps"] == s2["steps"] == 6
-    l1, l2 = train_losses(one), train_losses(two)
-    assert sorted(l1) == sorted(l2) and len(l1) == 6
-    for step in l1:
-        assert abs(l1[step] - l2[step]) < DDP_ATOL, (step, l1[step], l2[step])
-    w1, w2 = weights(one), weights(two)
-    assert w1.keys() == w2.keys()
-    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert worst < DDP_ATOL, worst
-    for key in ("val/loss", "val/rewards/accuracies", "val/logps/chosen", "probe/logps/chosen"):
-        assert abs(s1[key] - s2[key]) < DDP_ATOL, (key, s1[key], s2[key])
+    one, two, s1, s2 = two_processes_against_one(tmp_path, FSDP_CPU, extra, env=tests_on_path())
+    assert abs(s1["probe/logps/chosen"] - s2["probe/logps/chosen"]) < DDP_ATOL
     # the probe scored the same pairs on the sharded policy (every step, both ranks in step)
     p1 = list(csv.DictReader(open(one / "probe.csv")))
     p2 = list(csv.DictReader(open(two / "probe.csv")))
@@ -160,27 +123,7 @@ def test_fsdp_two_processes_match_one_process_with_the_global_batch(tmp_path, ex
 def test_fsdp_resume_equals_an_uninterrupted_run(tmp_path):
     """FSDP's full checkpoints (weights and AdamW state gathered from both processes) resume
     exactly: stopped at step 4, resumed to 8, against 8 straight."""
-    fsdp = [
-        *FSDP_CPU,
-        "dataset.batch_size=8",
-        "trainer.max_epochs=5",
-        "trainer.log_every_n_steps=1",
-        "optim.scheduler=null",
-        "eval.num_prompts=0",
-        "checkpoint.every_n_steps=2",
-    ]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    env = with_tests_on_path()
-    cli(*fsdp, "trainer.max_steps=8", f"hydra.run.dir={straight}", cwd=tmp_path, env=env)
-    cli(*fsdp, "trainer.max_steps=4", f"hydra.run.dir={resumed}", cwd=tmp_path, env=env)
-    cli(*fsdp, "trainer.max_steps=8", "resume=auto", f"hydra.run.dir={resumed}", cwd=tmp_path,
-        env=env)  # fmt: skip
-    l1, l2 = train_losses(straight), train_losses(resumed)
-    assert sorted(l1) == sorted(l2) == list(range(8))
-    for step in l1:
-        assert abs(l1[step] - l2[step]) < DDP_ATOL, (step, l1[step], l2[step])
-    w1, w2 = weights(straight), weights(resumed)
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < DDP_ATOL
+    resume_against_straight(tmp_path, FSDP_CPU, env=tests_on_path())
 
 
 @pytest.mark.slow
@@ -198,7 +141,7 @@ def test_online_generation_on_an_fsdp_sharded_policy(tmp_path):
         "eval.num_prompts=4",
         f"hydra.run.dir={out}",
         cwd=tmp_path,
-        env=with_tests_on_path(),
+        env=tests_on_path(),
         timeout=120,
     )
     summary = json.loads((out / "summary.json").read_text())
@@ -265,7 +208,7 @@ def test_precision_and_strategy_matrix(tmp_path, cell, mode, fp32_reference):
     out = tmp_path / "run"
     extra = LORA if mode == "lora" else []
     cli(*QUICK, *extra, *MATRIX[cell], "dataset.batch_size=8", f"hydra.run.dir={out}",
-        cwd=tmp_path, env=with_tests_on_path())  # fmt: skip
+        cwd=tmp_path, env=tests_on_path())  # fmt: skip
     with open(out / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(rows) == 3
@@ -341,7 +284,7 @@ def test_online_ddp_with_a_process_whose_prompts_all_tie_goes_on(tmp_path):
         "eval.num_prompts=0",
         f"hydra.run.dir={out}",
         cwd=tmp_path,
-        env=with_tests_on_path(),
+        env=tests_on_path(),
         timeout=240,
     )
     assert (tmp_path / "tied_rank1_1").exists()  # process 1 did tie
@@ -398,7 +341,7 @@ def test_kto_reference_point_is_estimated_over_every_process(tmp_path):
         f"+callbacks.z0.path={record}",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
-        env=with_tests_on_path(),
+        env=tests_on_path(),
     )
     z0 = [json.loads(Path(f"{record}.{rank}").read_text()) for rank in (0, 1)]
     assert len(z0[0]) == len(z0[1]) == 3
@@ -472,11 +415,14 @@ def test_cluster_presets_compose():
 def test_ddp_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path):
     """Each rank's loader skips its own processed batches: stop two processes at step 4 of a
     6-step epoch, resume to step 8 (crossing the epoch end), compare with 8 steps straight."""
-    ddp = [
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.precision=32-true",
+    resume_against_straight(tmp_path, DDP_CPU)
+
+
+def resume_against_straight(tmp_path: Path, strategy: list[str], env: dict | None = None):
+    """Two processes stopped at step 4 of a 6-step epoch and resumed to step 8 (across the
+    epoch end) equal 8 steps straight: losses step by step and the final weights."""
+    run = [
+        *strategy,
         "dataset.batch_size=8",
         "trainer.max_epochs=5",
         "trainer.log_every_n_steps=1",
@@ -485,13 +431,13 @@ def test_ddp_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path):
         "checkpoint.every_n_steps=2",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    cli(*ddp, "trainer.max_steps=8", f"hydra.run.dir={straight}", cwd=tmp_path)
-    cli(*ddp, "trainer.max_steps=4", f"hydra.run.dir={resumed}", cwd=tmp_path)
-    cli(*ddp, "trainer.max_steps=8", "resume=auto", f"hydra.run.dir={resumed}", cwd=tmp_path)
+    cli(*run, "trainer.max_steps=8", f"hydra.run.dir={straight}", cwd=tmp_path, env=env)
+    cli(*run, "trainer.max_steps=4", f"hydra.run.dir={resumed}", cwd=tmp_path, env=env)
+    cli(*run, "trainer.max_steps=8", "resume=auto", f"hydra.run.dir={resumed}", cwd=tmp_path,
+        env=env)  # fmt: skip
     l1, l2 = train_losses(straight), train_losses(resumed)
-    w1, w2 = weights(straight), weights(resumed)
-    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert worst < DDP_ATOL, worst
     assert sorted(l1) == sorted(l2) == list(range(8))
     for step in l1:
         assert abs(l1[step] - l2[step]) < DDP_ATOL, (step, l1[step], l2[step])
+    w1, w2 = weights(straight), weights(resumed)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < DDP_ATOL

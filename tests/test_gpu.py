@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, tests_on_path
 
 pytestmark = [
     pytest.mark.gpu,
@@ -122,7 +122,7 @@ def test_a_default_shaped_run_trains_every_weight(tmp_path, precision):
         f"+callbacks.weights.path={tmp_path / 'unchanged.json'}",
         f"hydra.run.dir={out}",
         cwd=tmp_path,
-        env=gpu_helpers_env(),
+        env=tests_on_path(),
     )
     assert json.loads((tmp_path / "unchanged.json").read_text()) == []
     summary = json.loads((out / "summary.json").read_text())
@@ -145,7 +145,7 @@ def test_sharded_strategy_on_one_gpu(tmp_path, strategy):
         f"+callbacks.pairs.path={out / 'probe_pairs.jsonl'}",
     ]
     run_cli(
-        *common, "trainer.max_steps=2", f"hydra.run.dir={out}", cwd=tmp_path, env=gpu_helpers_env()
+        *common, "trainer.max_steps=2", f"hydra.run.dir={out}", cwd=tmp_path, env=tests_on_path()
     )
     run_cli(
         *common,
@@ -153,7 +153,7 @@ def test_sharded_strategy_on_one_gpu(tmp_path, strategy):
         "resume=auto",
         f"hydra.run.dir={out}",
         cwd=tmp_path,
-        env=gpu_helpers_env(),
+        env=tests_on_path(),
     )
     steps = [int(r["step"]) for r in train_rows(out)]
     assert steps == [0, 1, 2, 3]  # each step once: resumed at 2, not started over
@@ -165,7 +165,7 @@ def test_sharded_strategy_on_one_gpu(tmp_path, strategy):
             "trainer.max_steps=4",
             f"hydra.run.dir={straight}",
             cwd=tmp_path,
-            env=gpu_helpers_env(),
+            env=tests_on_path(),
         )
         a = [float(r["train/loss"]) for r in train_rows(out)]
         b = [float(r["train/loss"]) for r in train_rows(straight)]
@@ -233,10 +233,3 @@ def assert_step0_reward_is_zero(out: Path) -> None:
     first = train_rows(out)[0]
     assert abs(float(first["train/rewards/margins"])) < 1e-3, first["train/rewards/margins"]
     assert abs(float(first["train/rewards/chosen"])) < 1e-3, first["train/rewards/chosen"]
-
-
-def gpu_helpers_env() -> dict[str, str]:
-    import os
-
-    tests = str(Path(__file__).parent)
-    return {"PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
