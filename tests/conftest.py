@@ -63,7 +63,7 @@ def run_cli(
     return proc
 
 
-def tests_on_path() -> dict[str, str]:
+def env_with_tests() -> dict[str, str]:
     """An environment for ``run_cli`` in which tests/ is importable: a test's own callback or
     strategy as a ``_target_``."""
     tests = str(Path(__file__).parent)

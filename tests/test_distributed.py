@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import env_with_tests
 from conftest import run_cli as cli
-from conftest import tests_on_path
 
 # Tolerance of the DDP equivalence: the two runs differ only in the order of floating-point
 # sums (gradients averaged by all-reduce, metrics reduced across ranks).
@@ -105,7 +105,7 @@ def test_fsdp_two_processes_match_one_process_with_the_global_batch(tmp_path, ex
     the same steps as one process with the global batch, the probe and the closed-form-style
     calls outside the sharded forward working on every rank, the end-of-run evaluation on a
     gathered copy, and final/ the whole trained model."""
-    one, two, s1, s2 = two_processes_against_one(tmp_path, FSDP_CPU, extra, env=tests_on_path())
+    one, two, s1, s2 = two_processes_against_one(tmp_path, FSDP_CPU, extra, env=env_with_tests())
     assert abs(s1["probe/logps/chosen"] - s2["probe/logps/chosen"]) < DDP_ATOL
     # the probe scored the same pairs on the sharded policy (every step, both ranks in step)
     p1 = list(csv.DictReader(open(one / "probe.csv")))
@@ -123,7 +123,7 @@ def test_fsdp_two_processes_match_one_process_with_the_global_batch(tmp_path, ex
 def test_fsdp_resume_equals_an_uninterrupted_run(tmp_path):
     """FSDP's full checkpoints (weights and AdamW state gathered from both processes) resume
     exactly: stopped at step 4, resumed to 8, against 8 straight."""
-    resume_against_straight(tmp_path, FSDP_CPU, env=tests_on_path())
+    resume_against_straight(tmp_path, FSDP_CPU, env=env_with_tests())
 
 
 @pytest.mark.slow
@@ -141,7 +141,7 @@ def test_online_generation_on_an_fsdp_sharded_policy(tmp_path):
         "eval.num_prompts=4",
         f"hydra.run.dir={out}",
         cwd=tmp_path,
-        env=tests_on_path(),
+        env=env_with_tests(),
         timeout=120,
     )
     summary = json.loads((out / "summary.json").read_text())
@@ -208,7 +208,7 @@ def test_precision_and_strategy_matrix(tmp_path, cell, mode, fp32_reference):
     out = tmp_path / "run"
     extra = LORA if mode == "lora" else []
     cli(*QUICK, *extra, *MATRIX[cell], "dataset.batch_size=8", f"hydra.run.dir={out}",
-        cwd=tmp_path, env=tests_on_path())  # fmt: skip
+        cwd=tmp_path, env=env_with_tests())  # fmt: skip
     with open(out / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(rows) == 3
@@ -284,7 +284,7 @@ def test_online_ddp_with_a_process_whose_prompts_all_tie_goes_on(tmp_path):
         "eval.num_prompts=0",
         f"hydra.run.dir={out}",
         cwd=tmp_path,
-        env=tests_on_path(),
+        env=env_with_tests(),
         timeout=240,
     )
     assert (tmp_path / "tied_rank1_1").exists()  # process 1 did tie
@@ -341,7 +341,7 @@ def test_kto_reference_point_is_estimated_over_every_process(tmp_path):
         f"+callbacks.z0.path={record}",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
-        env=tests_on_path(),
+        env=env_with_tests(),
     )
     z0 = [json.loads(Path(f"{record}.{rank}").read_text()) for rank in (0, 1)]
     assert len(z0[0]) == len(z0[1]) == 3

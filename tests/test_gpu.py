@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, tests_on_path
+from conftest import env_with_tests, run_cli
 
 pytestmark = [
     pytest.mark.gpu,
@@ -122,7 +122,7 @@ def test_a_default_shaped_run_trains_every_weight(tmp_path, precision):
         f"+callbacks.weights.path={tmp_path / 'unchanged.json'}",
         f"hydra.run.dir={out}",
         cwd=tmp_path,
-        env=tests_on_path(),
+        env=env_with_tests(),
     )
     assert json.loads((tmp_path / "unchanged.json").read_text()) == []
     summary = json.loads((out / "summary.json").read_text())
@@ -145,7 +145,7 @@ def test_sharded_strategy_on_one_gpu(tmp_path, strategy):
         f"+callbacks.pairs.path={out / 'probe_pairs.jsonl'}",
     ]
     run_cli(
-        *common, "trainer.max_steps=2", f"hydra.run.dir={out}", cwd=tmp_path, env=tests_on_path()
+        *common, "trainer.max_steps=2", f"hydra.run.dir={out}", cwd=tmp_path, env=env_with_tests()
     )
     run_cli(
         *common,
@@ -153,7 +153,7 @@ def test_sharded_strategy_on_one_gpu(tmp_path, strategy):
         "resume=auto",
         f"hydra.run.dir={out}",
         cwd=tmp_path,
-        env=tests_on_path(),
+        env=env_with_tests(),
     )
     steps = [int(r["step"]) for r in train_rows(out)]
     assert steps == [0, 1, 2, 3]  # each step once: resumed at 2, not started over
@@ -165,7 +165,7 @@ def test_sharded_strategy_on_one_gpu(tmp_path, strategy):
             "trainer.max_steps=4",
             f"hydra.run.dir={straight}",
             cwd=tmp_path,
-            env=tests_on_path(),
+            env=env_with_tests(),
         )
         a = [float(r["train/loss"]) for r in train_rows(out)]
         b = [float(r["train/loss"]) for r in train_rows(straight)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import make_cfg, run_cli, tests_on_path
+from conftest import env_with_tests, make_cfg, run_cli
 
 from dpo_lab.errors import ConfigError
 from dpo_lab.losses import LossOutput, PairedLogps, UnpairedLogps
@@ -244,7 +244,7 @@ def test_callbacks_are_added_and_removed_from_the_command_line(tmp_path):
         "~callbacks.probe",
         f"hydra.run.dir={out}",
         cwd=tmp_path,
-        env=tests_on_path(),  # so that _target_=test_loop.Recorder imports
+        env=env_with_tests(),  # so that _target_=test_loop.Recorder imports
     )
     assert mark.read_text() == "2\n"  # the user's callback ran, to the end of training
     assert not (out / "probe.csv").exists()  # the removed one did not
