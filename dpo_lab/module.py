@@ -84,12 +84,15 @@ class PreferenceModule(L.LightningModule):
         if self.reference is not None:
             self.reference.to(self.device)
 
+    @property
+    def _several_processes(self) -> bool:
+        return self._trainer is not None and self._trainer.world_size > 1
+
     def model_step(self, batch: dict[str, Any], split: str) -> tuple[Any, Any, LossOutput]:
         """(policy log-probs, reference log-probs or None, the loss's output) of one batch."""
         policy = self._policy_logps(self.policy, batch, **self.logps_kwargs)
         reference = None if self.reference is None else self._reference_logps(batch, split)
-        several = self._trainer is not None and self.trainer.world_size > 1
-        if not self._paired and split == "train" and several:
+        if not self._paired and split == "train" and self._several_processes:
             policy, reference = _kl_rows_of_every_process(policy, reference)
         return policy, reference, self.loss(policy, reference, **self.loss_kwargs)
 
@@ -119,8 +122,7 @@ class PreferenceModule(L.LightningModule):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         model = None if self.reference is None else self.reference.model
-        trainer = self._trainer
-        several = trainer is not None and trainer.world_size > 1
+        trainer, several = self._trainer, self._several_processes
         deepspeed = trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy)
         batch, metrics = self.online(
             self.policy,
@@ -180,9 +182,7 @@ class PreferenceModule(L.LightningModule):
         optimizer = self._optimizer(params)
         if self._scheduler is None:
             return optimizer
-        total = (
-            self.trainer.estimated_stepping_batches
-        )  # the run's optimizer steps (inf: unbounded)
+        total = self.trainer.estimated_stepping_batches  # optimizer steps (inf: unbounded)
         scheduler = self._scheduler(optimizer, total_steps=None if total == float("inf") else total)
         return {
             "optimizer": optimizer,

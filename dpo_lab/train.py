@@ -136,13 +136,14 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
                 "algo=online samples new completions each step, so their reference "
                 "log-probs cannot be precomputed; drop reference.precompute"
             )
-    if str(cfg.trainer.get("precision")) in ("16-true", "16", "half"):
+    precision = str(cfg.trainer.get("precision"))
+    if precision in ("16-true", "16", "half"):
         raise ConfigError(
             f"trainer.precision={cfg.trainer.precision}: fp16 weights with no loss scaling "
             "overflow (NaN at the first step on the embedded task); use 16-mixed (fp32 weights, "
             "fp16 compute, a GradScaler), bf16-mixed or bf16-true"
         )
-    if str(cfg.trainer.get("precision")) in ("bf16-true", "bf16"):
+    if precision in ("bf16-true", "bf16"):
         log.warning(
             "trainer.precision=bf16-true trains bf16 weights (model.trainable_dtype does not "
             "apply): an update below half their resolution rounds away, e.g. norm weights near "
@@ -263,6 +264,7 @@ def build(cfg: DictConfig) -> Run:
         if cfg.reference.dtype is None:
             reference_model.to(cast)
 
+    logps = OmegaConf.to_container(cfg.logps)  # completion_logps settings, the same everywhere
     reference = None
     if cfg.reference.precompute:  # score every pair once; then train without the reference model
         reference = precompute(
@@ -275,7 +277,7 @@ def build(cfg: DictConfig) -> Run:
             out_dir=out,
             cache_path=cfg.reference.cache_path,
             batch_size=cfg.reference.batch_size,
-            logps_kwargs=OmegaConf.to_container(cfg.logps),
+            logps_kwargs=logps,
             write=trainer.is_global_zero,
         )
         del reference_model  # freed (a LoRA base stays: it is the policy's own weights)
@@ -283,7 +285,7 @@ def build(cfg: DictConfig) -> Run:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     elif reference_model is not None:
-        reference = LiveReference(reference_model, OmegaConf.to_container(cfg.logps))
+        reference = LiveReference(reference_model, logps)
 
     scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None
     module = PreferenceModule(
@@ -293,7 +295,7 @@ def build(cfg: DictConfig) -> Run:
         loss_kwargs,
         instantiate(cfg.optim.optimizer),
         scheduler,
-        logps_kwargs=OmegaConf.to_container(cfg.logps),
+        logps_kwargs=logps,
         online=_online(cfg, data, tokenizer) if cfg.algo.name == "online" else None,
     )
     return Run(

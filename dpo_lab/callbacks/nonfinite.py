@@ -102,12 +102,10 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
         losses, ids = self._losses, self._ids
         self._losses, self._ids = [], []
-        norm = grad_norm(optimizer, trainer)
-        norm = (
-            torch.zeros((), device=pl_module.device) if norm is None else norm.to(pl_module.device)
-        )
-        loss_ok = [torch.isfinite(x).all() for x in losses] or [torch.isfinite(norm.new_zeros(()))]
-        flags = torch.stack([~torch.stack(loss_ok).all(), ~torch.isfinite(norm)]).float()
+        norm, none = grad_norm(optimizer, trainer), torch.zeros((), device=pl_module.device)
+        bad_grad = none if norm is None else ~torch.isfinite(norm.to(none.device))
+        bad_loss = torch.stack([~torch.isfinite(x).all() for x in losses]).any() if losses else none
+        flags = torch.stack([bad_loss.to(none.device), bad_grad]).float()
         if trainer.world_size > 1:  # every process takes the same decision
             flags = trainer.strategy.reduce(flags, reduce_op="sum")
         bad_loss, bad_grad = (bool(v) for v in flags.cpu() > 0)  # the step's one device sync

@@ -385,13 +385,12 @@ class PreferenceDataModule(L.LightningDataModule):
         kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, cache=cache)
         self.train_items, counts_train, hit_train = tokenize_cached(data.train, tokenizer, **kw)
         self.val_items, counts_val, hit_val = tokenize_cached(data.val, tokenizer, **kw)
-        self.counts = {"train": counts_train, "val": counts_val}
-        self.dropped_too_long = {s: c["too_long"] for s, c in self.counts.items()}
+        self.counts = {"train": counts_train, "val": counts_val}  # too long, truncated prompts
         self.cache_hits = {"train": hit_train, "val": hit_val}
         if not self.train_items or not self.val_items:
+            too_long = {split: c["too_long"] for split, c in self.counts.items()}
             raise DataError(
-                f"no row fits max_length={max_length} "
-                f"(dropped as too long: {self.dropped_too_long})"
+                f"no row fits max_length={max_length} (dropped as too long: {too_long})"
             )
         self.probe_items = self.val_items[:probe_size] if data.kind == "paired" else []
         if unpaired and data.kind == "paired":
