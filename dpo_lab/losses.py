@@ -290,17 +290,21 @@ def rpo(
 
 
 @register_loss("simpo", reference=False)
-def simpo(policy: PairedLogps, reference: None, *, beta: float, gamma: float = 0.5) -> LossOutput:
+def simpo(
+    policy: PairedLogps, reference: None, *, beta: float, gamma_beta_ratio: float = 0.25
+) -> LossOutput:
     """SimPO (Meng et al. 2024, arXiv:2405.14734), Eq. 6: ``−log σ(β·ā_c − β·ā_r − γ)``.
 
-    ā is the per-token average log-prob of the completion; no reference model. γ is the target
-    reward margin (the paper tunes γ/β; TRL's CPO trainer takes ``simpo_gamma`` = γ and divides by
-    β internally, which gives this same expression). Rewards are β·ā, detached.
+    ā is the per-token average log-prob of the completion; no reference model. The target reward
+    margin is given as γ/β (``gamma_beta_ratio``, as the paper tunes it and its code takes it),
+    so γ = ratio·β moves with β and a β sweep keeps the margin's share of the reward scale:
+    ``−log σ(β·(ā_c − ā_r − γ/β))``. (TRL's CPO trainer takes ``simpo_gamma`` = γ itself; the
+    two agree where γ = ratio·β.) Rewards are β·ā, detached.
     """
     _check_beta(beta)
     chosen = beta * policy.chosen / policy.chosen_tokens  # (B,)
     rejected = beta * policy.rejected / policy.rejected_tokens  # (B,)
-    losses = -F.logsigmoid(chosen - rejected - gamma)
+    losses = -F.logsigmoid(chosen - rejected - gamma_beta_ratio * beta)
     return LossOutput(losses, chosen.detach(), rejected.detach())
 
 

@@ -88,6 +88,11 @@ def as_judge(obj: Any) -> Callable[[Sequence[Any], Sequence[str]], list[float]]:
     return TaskRewardJudge(obj)
 
 
+def failure_ranked(scores: Sequence[float], capped: Sequence[bool]) -> list[float]:
+    """Scores for ranking: a capped (unfinished) sample scores −inf, below every finished one."""
+    return [float("-inf") if c else float(s) for s, c in zip(scores, capped, strict=True)]
+
+
 def form_pairs(scores: Sequence[float], k: int, pairing: str) -> list[tuple[int, int]]:
     """(chosen, rejected) sample indices per group of ``k`` consecutive samples.
 
@@ -176,18 +181,20 @@ class OnlinePairs:
         )
         gen_seconds = self._last_gen_seconds = time.perf_counter() - t0
         scores = self.judge(repeated, gens.texts)
-        pairs = form_pairs(scores, self.k, self.pairing)
+        ranked = failure_ranked(scores, gens.capped)
+        pairs = form_pairs(ranked, self.k, self.pairing)
         device = next(policy.parameters()).device
         self.pairs_total += len(pairs)
         metrics |= {
             "online/score": sum(scores) / len(scores),
             "online/sample_length": sum(map(len, gens.completion_ids)) / len(gens.completion_ids),
+            "online/capped_frac": gens.capped_frac,
             "online/pairs": float(len(pairs)),
             "online/tied_prompts": float(len(prompts) - len({c // self.k for c, _ in pairs})),
             "online/gen_seconds": gen_seconds,
             "online/pairs_total": float(self.pairs_total),
         }
-        if pairs:
+        if pairs:  # the judge's own scores (a capped rejected sample's too)
             metrics["online/score_margin"] = sum(scores[c] - scores[r] for c, r in pairs) / len(
                 pairs
             )

@@ -9,7 +9,7 @@ chat template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_tur
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +50,12 @@ class Generations:
     texts: list[str]  # decoded completions, special tokens removed
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]  # sampled tokens up to and including the end token
+    # True where the sample reached max_new_tokens without an end token: unfinished text, no EOS
+    capped: list[bool] = field(default_factory=list)
+
+    @property
+    def capped_frac(self) -> float:
+        return sum(self.capped) / len(self.capped) if self.capped else 0.0
 
 
 @torch.no_grad()
@@ -66,7 +72,8 @@ def generate(
     synced_gpus: bool = False,
 ) -> Generations:
     """Sample one completion per prompt (left-padded batches, KV cache), cut after its first end
-    token: any of ``stop`` (default ``stop_token_ids(model, tokenizer)``).
+    token: any of ``stop`` (default ``stop_token_ids(model, tokenizer)``). A sample with no end
+    token within ``max_new_tokens`` is kept as sampled and marked ``capped``: it is unfinished.
 
     Sampling is plain: temperature, top-p and nothing else (no top-k, no repetition penalty,
     whatever the model's own ``generation_config`` suggests), so that with temperature 1 and
@@ -80,7 +87,7 @@ def generate(
     pad = tokenizer.pad_token_id
     stop = stop_token_ids(model, tokenizer) if stop is None else list(stop)
     ends = set(stop)
-    out = Generations(prompts, [], [], [])
+    out = Generations(prompts, [], [], [], [])
     for start in range(0, len(prompts), batch_size):
         chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         P = max(len(ids) for ids in chunk)
@@ -107,6 +114,7 @@ def generate(
             end = next((i for i, t in enumerate(new) if t in ends), None)
             if end is not None:
                 new = new[: end + 1]
+            out.capped.append(end is None)
             out.prompt_ids.append(ids)
             out.completion_ids.append(new)
             out.texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())

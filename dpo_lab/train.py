@@ -153,6 +153,11 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
         raise ConfigError("probe.size and probe.every_n_steps must be >= 1")
     if cfg.eval.num_prompts < 0:
         raise ConfigError(f"eval.num_prompts must be >= 0, got {cfg.eval.num_prompts}")
+    if cfg.eval.samples_per_prompt < 1 or cfg.eval.max_new_tokens < 1:
+        raise ConfigError(
+            "eval.samples_per_prompt and eval.max_new_tokens must be >= 1, got "
+            f"{cfg.eval.samples_per_prompt} and {cfg.eval.max_new_tokens}"
+        )
     return spec, kwargs
 
 
@@ -541,6 +546,15 @@ def _unsharded_policy(cfg: DictConfig, path: str, state: dict[str, Any]) -> Any:
     return policy.eval()
 
 
+def distinct_prompts(rows: list[dict[str, Any]], n: int) -> list[Any]:
+    """The first ``n`` distinct prompts of ``rows``, in order (conversational prompts, lists of
+    messages, compared by content)."""
+    seen: dict[str, Any] = {}
+    for r in rows:
+        seen.setdefault(json.dumps(r["prompt"], sort_keys=True), r["prompt"])
+    return list(seen.values())[:n]
+
+
 def finish(run: Run, t0: float) -> dict[str, Any]:
     """After fit: evaluate, save ``final/`` and ``summary.json``, close the loggers."""
     cfg, module, trainer, out = run.cfg, run.module, run.trainer, run.out
@@ -573,7 +587,8 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
     if cfg.eval.num_prompts > 0:
         eval_reference = _eval_reference(run, policy)
         eval_reference.to(module.device)
-        prompts = [r["prompt"] for r in run.data.val[: cfg.eval.num_prompts]]
+        # distinct held-out prompts, in order; each sampled eval.samples_per_prompt times
+        prompts = distinct_prompts(run.data.val, cfg.eval.num_prompts)
         metrics, rows = evaluate(
             policy,
             eval_reference,
@@ -582,6 +597,7 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
             run.datamodule.reward_fn,
             max_new_tokens=cfg.eval.max_new_tokens,
             batch_size=cfg.eval.batch_size,
+            samples_per_prompt=cfg.eval.samples_per_prompt,
             temperature=cfg.eval.temperature,
             top_p=cfg.eval.top_p,
             seed=cfg.seed,

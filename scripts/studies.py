@@ -298,10 +298,78 @@ def closed_form(jobs: list[Job], out: Path) -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Running the sweeps
+# ---------------------------------------------------------------------------------------------
+
+# Longest first, so that two workers finish close together (job counts × about 10 s, online and
+# closed-form jobs about 3× longer).
+ORDER = (
+    "label_noise",
+    "beta_frontier",
+    "online_vs_offline",
+    "length_bias",
+    "closed_form",
+    "kto_binary",
+    "displacement",
+)
+
+
+def run_sweeps(root: Path, studies: list[str], workers: int, extra: list[str]) -> dict[str, float]:
+    """Run each study's sweep (``python -m dpo_lab.train -m experiment=<study>``) into
+    ``root/<study>``, ``workers`` sweeps at a time, each with its share of the CPU threads.
+    Returns each sweep's wall time in seconds (also in ``root/<study>/sweep.json``)."""
+    import concurrent.futures
+    import json
+    import os
+    import subprocess
+    import time
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+    def one(study: str) -> tuple[str, float]:
+        out = root / study
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "dpo_lab.train",
+            "-m",
+            f"experiment={study}",
+            f"hydra.sweep.dir={out}",
+            "trainer.enable_progress_bar=false",
+            *extra,
+        ]
+        t0 = time.time()
+        with open(out / "sweep.log", "w") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        wall = time.time() - t0
+        (out / "sweep.json").write_text(
+            json.dumps({"cmd": cmd, "returncode": rc, "wall_s": wall, "threads": threads})
+        )
+        print(f"[studies] {study}: exit {rc} in {wall / 60:.1f} min", flush=True)
+        return study, wall
+
+    order = sorted(studies, key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return dict(pool.map(one, order))
+
+
 STUDIES = {f.__name__: f for f in (label_noise, length_bias, kto_binary, closed_form)}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "run":
+        ap = argparse.ArgumentParser()
+        ap.add_argument("run")
+        ap.add_argument("--root", type=Path, default=Path("multirun/studies"))
+        ap.add_argument("--workers", type=int, default=2)
+        ap.add_argument("--only", nargs="*", default=list(ORDER))
+        a, extra = ap.parse_known_args(argv)
+        print(run_sweeps(a.root, a.only, a.workers, extra))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study", choices=sorted(STUDIES))
     ap.add_argument("sweep", type=Path)

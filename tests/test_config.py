@@ -87,7 +87,7 @@ def test_unknown_keys_fail_loudly(tmp_path):
         make_cfg(tmp_path, "loss=nonexistent")
     with pytest.raises(ConfigCompositionException):
         make_cfg(tmp_path, "model=nonexistent")
-    with pytest.raises(ConfigError, match=r"loss\.gama.*accepted: beta, gamma"):
+    with pytest.raises(ConfigError, match=r"loss\.gama.*accepted: beta, gamma_beta_ratio"):
         check_config(make_cfg(tmp_path, "loss=simpo", "+loss.gama=1.0"))
     cfg = make_cfg(tmp_path)
     with pytest.raises(ConfigAttributeError):

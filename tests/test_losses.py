@@ -84,7 +84,7 @@ def test_rpo_by_hand():
 
 def test_simpo_by_hand():
     # averages −2/4 = −0.5 and −6/3 = −2; β = 2 → rewards −1 and −4; margin 3 − γ 0.5
-    out = run("simpo", paired(-2, -6, 4, 3), None, beta=2.0, gamma=0.5)
+    out = run("simpo", paired(-2, -6, 4, 3), None, beta=2.0, gamma_beta_ratio=0.25)
     assert out.losses.item() == pytest.approx(softplus(-2.5))  # 0.078889
     assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((-1.0, -4.0))
 

@@ -39,7 +39,14 @@ from dpo_lab.data.sources import PreferenceData
 from dpo_lab.errors import ConfigError
 from dpo_lab.tasks import sentiment
 
-DEFAULTS = {"n_prompts": 16, "n_responses": 6, "repeats": 8, "reward_scale": 2.0, "seed": 0}
+DEFAULTS = {
+    "n_prompts": 16,
+    "n_responses": 6,
+    "repeats": 8,
+    "reward_scale": 2.0,
+    "seed": 0,
+    "label_seed": None,
+}
 
 
 def scaled_reward(prompt: str, completion: str, *, scale: float) -> float:
@@ -62,7 +69,7 @@ class Oracle:
 
 
 def _candidates(model, tokenizer, prompts, k, max_new_tokens, seed) -> list[list[str]]:
-    from dpo_lab.evaluation import generate
+    from dpo_lab.sampling import generate
 
     out = []
     with torch.random.fork_rng():  # never disturb the training run's RNG
@@ -70,11 +77,9 @@ def _candidates(model, tokenizer, prompts, k, max_new_tokens, seed) -> list[list
         for prompt in prompts:
             seen: list[str] = []
             for _ in range(50):
-                texts = generate(
-                    model, tokenizer, [prompt] * (4 * k), max_new_tokens=max_new_tokens
-                ).texts
-                for t in texts:
-                    if t and t not in seen and len(seen) < k:
+                gens = generate(model, tokenizer, [prompt] * (4 * k), max_new_tokens=max_new_tokens)
+                for t, capped in zip(gens.texts, gens.capped, strict=True):
+                    if t and not capped and t not in seen and len(seen) < k:
                         seen.append(t)
                 if len(seen) == k:
                     break
@@ -112,19 +117,23 @@ def load(*, closed_form: dict[str, Any] | None = None, **base: Any) -> Preferenc
 
     tokenizer = AutoTokenizer.from_pretrained(root / "model")
     model = AutoModelForCausalLM.from_pretrained(root / "model")
-    all_prompts = [o.format(m=m) for o in sentiment.OPENINGS for m in sentiment.MOVIES]
+    all_prompts = sentiment.all_prompts()
     rng = random.Random(settings["seed"])
     if n > len(all_prompts):
         raise ConfigError(f"closed_form: n_prompts <= {len(all_prompts)}, got {n}")
     prompts = rng.sample(all_prompts, n)
     responses = _candidates(
-        model, tokenizer, prompts, k, base.get("max_new_tokens", 24), settings["seed"]
+        model, tokenizer, prompts, k, base.get("max_new_tokens", 64), settings["seed"]
     )
     reward_fn = functools.partial(scaled_reward, scale=settings["reward_scale"])
     rewards = torch.tensor(
         [[reward_fn(p, y) for y in ys] for p, ys in zip(prompts, responses, strict=True)],
         dtype=torch.float64,
     )
+
+    # the labels have their own RNG, so a study can redraw them (label_seed) on the same sets
+    label_seed = settings["label_seed"]
+    rng = random.Random(f"labels-{settings['seed'] if label_seed is None else label_seed}")
 
     def draw(split: str, reps: int) -> list[dict[str, Any]]:
         rows = []

@@ -12,8 +12,9 @@ reward is a lexicon score (``reward``), so any policy's quality is known exactly
    sentiment is mixed, so the base writes good and bad reviews alike;
 3. preference pairs as in the DPO paper: two completions per prompt sampled from the SFT base,
    labelled by a Bradley-Terry draw on the true reward (so labels are realistically noisy), with a
-   held-out split. Pairs whose two samples are identical, or where a sample is empty (EOS first),
-   are dropped and counted in ``meta.json``.
+   held-out split on prompts disjoint from the training prompts (``prompt_split``). Pairs whose
+   two samples are identical, where a sample is empty (EOS first), or where a sample hit the
+   length cap unfinished, are dropped and counted in ``meta.json``.
 
 The SFT base is ``model=tiny`` and the pairs are ``dataset=sentiment``; both load through the
 same ``from_pretrained`` and jsonl paths as real models and data sets.
@@ -37,11 +38,15 @@ import torch
 from dpo_lab.cache import cache_root
 from dpo_lab.data.sources import PreferenceData
 
-BUILD_VERSION = 2  # bump when the grammar, reward or build procedure changes: new cache key
+BUILD_VERSION = 3  # bump when the grammar, reward or build procedure changes: new cache key
 
 MOVIES = (
     "moonrise starfall ironclad daybreak nightfall riverbend wildfire stonegate "
-    "bluewater redshift farland highgarden coldharbor brightwood duskfall northwind"
+    "bluewater redshift farland highgarden coldharbor brightwood duskfall northwind "
+    "ashgrove blackmoor copperhill dawnbreak emberfall frostvale goldcrest hollowmere "
+    "ivorytower jadecliff kingsreach lakeshade mistwood oakhaven pinecrest quicksilver "
+    "ravenholm silverlake thornfield umberton valewind westmarch yellowstone zephyrine "
+    "amberlight birchwood cinderhall driftwood eastwatch fernhollow greywater harborlight"
 ).split()
 OPENINGS = (
     "{m} was",
@@ -50,7 +55,10 @@ OPENINGS = (
     "my review of {m} :",
     "honestly , {m} felt",
     "we saw {m} last night and it was",
+    "after seeing {m} i thought it was",
+    "in short , {m} is",
 )
+HELD_OUT_PROMPTS = 128  # of the grammar's len(OPENINGS) × len(MOVIES) = 384 prompts
 POSITIVE = (
     "great wonderful brilliant moving delightful superb charming gripping beautiful "
     "clever fun stunning"
@@ -97,6 +105,24 @@ def vocabulary() -> list[str]:
     for opening in OPENINGS:
         words |= set(opening.format(m="").split())
     return list(SPECIALS) + sorted(words)
+
+
+def all_prompts() -> list[str]:
+    """Every prompt the grammar can write (openings × movies), in a fixed order."""
+    return [o.format(m=m) for o in OPENINGS for m in MOVIES]
+
+
+def prompt_split(seed: int) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts): a seeded, disjoint split of ``all_prompts()``.
+
+    Training pairs are asked only on the first; held-out pairs, the probe and the end-of-run
+    evaluation only on the other ``HELD_OUT_PROMPTS``, so evaluation measures generalization to
+    prompts DPO never trained on. (The SFT base, the starting model, saw the whole grammar, as a
+    pretrained model would.)
+    """
+    prompts = all_prompts()
+    random.Random(f"prompt-split-{seed}").shuffle(prompts)
+    return prompts[HELD_OUT_PROMPTS:], prompts[:HELD_OUT_PROMPTS]
 
 
 def sample_prompt(rng: random.Random) -> str:
@@ -197,23 +223,35 @@ def _sft_train(model, tokenizer, rng: random.Random, *, n_sft, steps, batch_size
 def sample_completions(
     model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size=256
 ):
-    """One sampled completion (temperature 1, full vocabulary) per prompt, decoded to text."""
-    from dpo_lab.evaluation import generate
+    """One sampled completion (temperature 1, full vocabulary) per prompt: ``Generations``
+    (decoded ``texts``; ``capped`` marks samples that hit ``max_new_tokens`` unfinished)."""
+    from dpo_lab.sampling import generate
 
-    return generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
-    ).texts
+    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
-def _make_pairs(model, tokenizer, rng, n, *, max_new_tokens, bt_temperature, length_bias, split):
-    rows, dropped = [], {"identical": 0, "empty": 0}
+def _make_pairs(
+    model, tokenizer, rng, n, *, prompts, max_new_tokens, bt_temperature, length_bias, split
+):
+    """``n`` labelled pairs on ``prompts``: drawn at random (``split="train"``) or taken in turn
+    (held out: every held-out prompt gets its share of pairs)."""
+    rows, dropped = [], {"identical": 0, "empty": 0, "capped": 0}
+    turn = 0
     while len(rows) < n:
-        prompts = [sample_prompt(rng) for _ in range(int((n - len(rows)) * 1.2) + 8)]
-        a = sample_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-        b = sample_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-        for prompt, ya, yb in zip(prompts, a, b, strict=True):
+        m = int((n - len(rows)) * 1.2) + 8
+        if split == "train":
+            asked = [rng.choice(prompts) for _ in range(m)]
+        else:
+            asked = [prompts[(turn + i) % len(prompts)] for i in range(m)]
+        a = sample_completions(model, tokenizer, asked, max_new_tokens=max_new_tokens)
+        b = sample_completions(model, tokenizer, asked, max_new_tokens=max_new_tokens)
+        for i, (prompt, ya, yb) in enumerate(zip(asked, a.texts, b.texts, strict=True)):
             if len(rows) == n:
                 break
+            turn += 1
+            if a.capped[i] or b.capped[i]:  # unfinished at the cap: not a response to rank
+                dropped["capped"] += 1
+                continue
             if not ya or not yb:  # the base stopped at once: no response to compare
                 dropped["empty"] += 1
                 continue
@@ -252,7 +290,7 @@ def build(
     n_sft: int = 8000,
     n_train: int = 2000,
     n_val: int = 256,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = 64,
     bt_temperature: float = 0.25,
     length_bias: float = 0.0,
     generator: dict[str, Any] | None = None,
@@ -343,8 +381,11 @@ def _build(root: Path, settings: dict[str, Any], *, verbose: bool) -> Path:
     )
     t_sft = time.time() - t0
     kw = dict(max_new_tokens=max_new_tokens, bt_temperature=bt_temperature, length_bias=length_bias)
-    train, drop_train = _make_pairs(model, tokenizer, rng, n_train, split="train", **kw)
-    val, drop_val = _make_pairs(model, tokenizer, rng, n_val, split="val", **kw)
+    train_prompts, held_out = prompt_split(seed)
+    train, drop_train = _make_pairs(
+        model, tokenizer, rng, n_train, prompts=train_prompts, split="train", **kw
+    )
+    val, drop_val = _make_pairs(model, tokenizer, rng, n_val, prompts=held_out, split="val", **kw)
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
@@ -360,6 +401,11 @@ def _build(root: Path, settings: dict[str, Any], *, verbose: bool) -> Path:
             "parameters": sum(p.numel() for p in model.parameters()),
             "sft_loss_curve": curve,
             "dropped_pairs": {"train": drop_train, "val": drop_val},
+            "prompts": {
+                "train": len({r["prompt"] for r in train}),
+                "val": len({r["prompt"] for r in val}),
+                "shared": len({r["prompt"] for r in train} & {r["prompt"] for r in val}),
+            },
             "label_agrees_with_reward": {
                 name: sum(r["reward_chosen"] > r["reward_rejected"] for r in rows) / len(rows)
                 for name, rows in (("train", train), ("val", val))
