@@ -46,8 +46,12 @@ def log_wandb_media(
 
     keys = []
     if samples:
-        columns = [c for c in ("prompt", "policy", "reference") if c in samples[0]]
-        columns += [c for c in ("policy_reward", "reference_reward") if c in samples[0]]
+        columns = [c for c in ("prompt", "sample", "policy", "reference") if c in samples[0]]
+        columns += [
+            c
+            for c in ("policy_reward", "reference_reward", "policy_logratio", "policy_capped")
+            if c in samples[0]
+        ]
         data = [
             [r[c] if isinstance(r[c], (int, float)) else str(r[c]) for c in columns]
             for r in samples

@@ -1,57 +1,222 @@
-"""Figure and table of one study sweep (``experiment=<name>``), from its run dirs alone.
+"""The studies: run their sweeps, then make each table and figure from the run dirs alone.
 
-    python scripts/studies.py label_noise  multirun/<date>/<time> --out docs/label_noise.png
-    python scripts/studies.py length_bias  multirun/<date>/<time> --out docs/length_bias.png
-    python scripts/studies.py kto_binary   multirun/<date>/<time> --out docs/kto_binary.png
-    python scripts/studies.py closed_form  multirun/<date>/<time> --out docs/closed_form.png
+    python scripts/studies.py all                    # run every sweep, then `report --readme`
+    python scripts/studies.py run [--only S ...]     # the sweeps: multirun/studies/<study>/
+    python scripts/studies.py report [--readme README.md]   # tables (stdout), docs/<study>.png
+    python scripts/studies.py label_noise            # one study's table and figure
 
-Prints a markdown table of the study's numbers (mean ± std over seeds where the sweep has
-several) and writes the figure. ``python -m dpo_lab.report`` gives the generic per-job table.
+Every study sweeps five or more training seeds. A table cell is the mean over seeds ± the
+half-width of its 95% confidence interval (Student t on the seed means, ``ci95``), with the
+number of seeds where fewer than all contributed. Methods are compared at matched KL: each seed's
+(KL, metric) points over β are a frontier; the metric is read off it at common KL levels by
+linear interpolation in log KL (``at_kl``), never extrapolated, and the interval is over seeds.
+Every table shows the share of evaluation samples that hit the sampling cap unfinished.
+
+Some studies share runs: beta_frontier's DPO and SimPO runs are also the unbiased arm of
+length_bias and the DPO arm of kto_binary and online_vs_offline (the same configs), so a study
+reads the run dirs of every study under ``--root``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import math
+import re
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from dpo_lab.plots import finish_figure
-from dpo_lab.report import Job, collect
+from dpo_lab.report import collect
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+# Student t, 0.975 quantile, by degrees of freedom (the normal's 1.960 beyond 30)
+# fmt: off
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)
+# fmt: on
 
 
-def _value(job: Job, key: str, default: str = "") -> str:
-    for o in job.overrides.split():
-        if o.startswith(key + "="):
-            return o.split("=", 1)[1]
-    return default
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"t975 needs df >= 1, got {df}")
+    return _T975[df - 1] if df <= len(_T975) else 1.960
 
 
-def _stat(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def _fmt(xs: list[float]) -> str:
+def ci95(xs: list[float]) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% confidence interval of the mean, n) over finite ``xs``:
+    mean ± t₀.₉₇₅(n−1)·s/√n. The half-width is NaN with fewer than two values."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
     if not xs:
+        return float("nan"), float("nan"), 0
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return m, float("nan"), 1
+    return m, t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs)), len(xs)
+
+
+def fmt(xs: list[float], digits: int = 3, expect: int | None = None) -> str:
+    """``mean ± half-width`` of ``ci95``; ``(n=k)`` when fewer than ``expect`` values counted."""
+    m, h, n = ci95(xs)
+    if n == 0:
         return "—"
-    m, s = _stat(xs)
-    return f"{m:.3f} ± {s:.3f}" if len(xs) > 1 else f"{m:.3f}"
+    cell = f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {h:.{digits}f}"
+    return cell + (f" (n={n})" if expect is not None and n < expect else "")
 
 
-def _grouped(jobs: list[Job], *keys: str) -> dict[tuple[str, ...], list[Job]]:
-    groups: dict[tuple[str, ...], list[Job]] = defaultdict(list)
-    for j in jobs:
-        groups[tuple(_value(j, k) for k in keys)].append(j)
+def at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
+    """The metric at ``kl`` on one frontier: ``points`` are (KL, metric) over β; linear
+    interpolation in log KL between the two points around ``kl`` (sorted by KL), None outside
+    their range (no extrapolation). Points with KL ≤ 0 (a policy at its reference, up to Monte
+    Carlo noise) count as KL = 1e-3."""
+    pts = sorted((max(k, 1e-3), v) for k, v in points if math.isfinite(k) and math.isfinite(v))
+    if not pts or not pts[0][0] <= kl <= pts[-1][0]:
+        return None
+    for (k0, v0), (k1, v1) in zip(pts, pts[1:], strict=False):
+        if k0 <= kl <= k1:
+            if k1 == k0:
+                return (v0 + v1) / 2
+            w = (math.log(kl) - math.log(k0)) / (math.log(k1) - math.log(k0))
+            return v0 + w * (v1 - v0)
+    return pts[0][1]  # a single point, at exactly kl
+
+
+def matched_levels(frontiers: list[list[tuple[float, float]]], n: int = 3) -> list[float]:
+    """``n`` KL levels, log-spaced inside the KL range that every frontier in ``frontiers``
+    covers, each rounded to 2 significant digits (more where needed to stay inside); [] when
+    the ranges do not overlap."""
+    lo = max(min(k for k, _ in f) for f in frontiers)
+    hi = min(max(k for k, _ in f) for f in frontiers)
+    lo, hi = max(lo, 1e-3) * 1.02, hi / 1.02
+    if not lo < hi:
+        return []
+    step = (math.log(hi) - math.log(lo)) / max(1, n - 1)
+    out = []
+    for i in range(n):
+        x = math.exp(math.log(lo) + i * step)
+        out.append(_round_within(x, lo, hi))
+    return out
+
+
+def _round_within(x: float, lo: float, hi: float) -> float:
+    """``x`` with the fewest significant digits (2 to 4) that stays inside [lo, hi]."""
+    for d in (2, 3, 4):
+        unit = 10 ** (math.floor(math.log10(x)) - d + 1)
+        for r in (round(x / unit), math.floor(x / unit), math.ceil(x / unit)):
+            if lo <= (v := float(f"{r * unit:.{d}g}")) <= hi:
+                return v
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One finished job: its resolved config (dotted lookups with ``get``), overrides, summary."""
+
+    path: Path
+    study: str
+    config: dict[str, Any]
+    overrides: list[str]
+    summary: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        node: Any = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    @property
+    def arm(self) -> str | None:
+        for o in self.overrides:
+            m = re.match(r"\+?arm/[\w]+=(\w+)", o)
+            if m:
+                return m.group(1)
+        return None
+
+    def __getitem__(self, key: str) -> float:
+        return float(self.summary.get(key, float("nan")))
+
+
+def load_runs(root: Path, studies: list[str]) -> dict[str, list[Run]]:
+    """Finished runs of each study's sweep dir under ``root`` (missing sweeps: empty lists)."""
+    out: dict[str, list[Run]] = {}
+    for study in studies:
+        runs = []
+        sweep = root / study
+        for job in collect(sweep) if sweep.is_dir() else []:
+            if job.status != "done":
+                continue
+            cfg_file = job.path / "config.yaml"
+            config = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
+            overrides = yaml.safe_load((job.path / ".hydra" / "overrides.yaml").read_text()) or []
+            runs.append(Run(job.path, study, config, overrides, job.summary))
+        out[study] = runs
+    return out
+
+
+def by(runs: list[Run], *keys: str) -> dict[tuple, list[Run]]:
+    """Group runs by config values (dotted keys; ``arm`` for the study arm), in first-seen order."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[tuple(r.arm if k == "arm" else r.get(k) for k in keys)].append(r)
     return dict(groups)
 
 
-def _metric(group: list[Job], name: str) -> list[float]:
-    return [j.summary[name] for j in group if name in j.summary]
+def seed_frontiers(runs: list[Run], metric: str) -> dict[int, list[tuple[float, float]]]:
+    """Per seed, the (eval/kl, metric) points of its runs over β."""
+    out: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for r in runs:
+        out[r.get("seed")].append((r["eval/kl"], r[metric]))
+    return dict(out)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def mean_frontier(runs: list[Run], metric: str) -> list[tuple[float, float]]:
+    """(mean KL, mean metric) over seeds at each β, sorted by KL."""
+    pts = []
+    for g in by(runs, "beta").values():
+        pts.append(
+            (statistics.fmean(r["eval/kl"] for r in g), statistics.fmean(r[metric] for r in g))
+        )
+    return sorted(pts)
+
+
+def matched(runs: list[Run], metric: str, kl: float) -> list[float]:
+    """``metric`` at ``kl`` on each seed's own frontier (seeds whose range misses ``kl`` drop)."""
+    vals = [at_kl(pts, kl) for pts in seed_frontiers(runs, metric).values()]
+    return [v for v in vals if v is not None]
+
+
+def n_seeds(runs: list[Run]) -> int:
+    return len({r.get("seed") for r in runs})
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and figures
+# ---------------------------------------------------------------------------------------------
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -63,141 +228,401 @@ def _figure(ncols: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 4.2), dpi=120)
-    return plt, fig, axes
+    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 4.2), dpi=120, squeeze=False)
+    return plt, fig, list(axes[0])
 
 
-COLUMNS = [
-    ("probe/true_accuracies", "true acc"),
-    ("probe/rewards/accuracies", "label acc"),
-    ("eval/reward/policy", "reward π"),
-    ("eval/kl", "KL"),
-    ("eval/length/policy", "length π"),
-    ("eval/length/reference", "length ref"),
-]
+def _capped(runs: list[Run]) -> str:
+    """Largest share of capped policy samples over the runs (0 means no sample was censored)."""
+    xs = [r["eval/capped_frac/policy"] for r in runs]
+    xs = [x for x in xs if math.isfinite(x)]
+    return f"{max(xs):.3f}" if xs else "—"
 
 
-def label_noise(jobs: list[Job], out: Path) -> str:
-    arm_key = "+arm/label_noise"
-    groups = _grouped(jobs, arm_key, "dataset.label_noise")
-    arms = sorted({a for a, _ in groups}, key=["dpo", "cdpo", "robust_dpo", "ipo"].index)
-    noises = sorted({float(n) for _, n in groups})
-    plt, fig, (ax1, ax2) = _figure(2)
-    for arm in arms:
-        xs, acc, rew = [], [], []
-        for n in noises:
-            g = next((v for (a, k), v in groups.items() if a == arm and float(k) == n), [])
-            if g:
-                xs.append(n)
-                acc.append(statistics.fmean(_metric(g, "probe/true_accuracies")))
-                rew.append(statistics.fmean(_metric(g, "eval/reward/policy")))
-        ax1.plot(xs, acc, marker="o", label=arm)
-        ax2.plot(xs, rew, marker="o", label=arm)
-    finish_figure(
-        fig,
-        ax1,
-        None,
-        xlabel="share of training labels flipped",
-        ylabel="held-out accuracy vs the true reward",
-        title="Clean-label accuracy (256 held-out pairs)",
+def _errorbar_frontier(ax, runs: list[Run], metric: str, label: str, **kw) -> None:
+    """One point per β: mean KL and mean metric over seeds, both with 95% CI bars."""
+    pts = []
+    for g in by(runs, "beta").values():
+        kx, kh, _ = ci95([r["eval/kl"] for r in g])
+        mx, mh, _ = ci95([r[metric] for r in g])
+        pts.append((kx, mx, 0 if math.isnan(kh) else kh, 0 if math.isnan(mh) else mh))
+    pts.sort()
+    ax.errorbar(
+        [p[0] for p in pts],
+        [p[1] for p in pts],
+        xerr=[p[2] for p in pts],
+        yerr=[p[3] for p in pts],
+        marker="o",
+        capsize=3,
+        label=label,
+        **kw,
     )
-    finish_figure(
-        fig,
-        ax2,
-        out,
-        xlabel="share of training labels flipped",
-        ylabel="true reward of policy samples",
-        title="Reward of samples (128 held-out prompts)",
-    )
+
+
+def _reference_line(ax, runs: list[Run]) -> None:
+    ref = [r["eval/reward/reference"] for r in runs]
+    if ref:
+        ax.axhline(statistics.fmean(ref), color="gray", ls="--", lw=1, label="reference (SFT)")
+
+
+def _matched_rows(groups: dict[str, list[Run]], metric: str, levels: list[float], digits=3):
+    """One row per group: the metric at each matched KL level, mean ± CI over seeds."""
     rows = []
-    for (arm, n), g in sorted(
-        groups.items(), key=lambda kv: (arms.index(kv[0][0]), float(kv[0][1]))
-    ):
-        rows.append([arm, n, *(_fmt(_metric(g, m)) for m, _ in COLUMNS[:4])])
-    return _table(["loss", "label noise", *(c for _, c in COLUMNS[:4])], rows)
+    for name, runs in groups.items():
+        cells = [_cell(runs, metric, kl, digits) for kl in levels]
+        rows.append([name, *cells, _capped(runs), str(n_seeds(runs))])
+    return rows
 
 
-def length_bias(jobs: list[Job], out: Path) -> str:
-    groups = _grouped(jobs, "loss", "dataset.source.length_bias")
-    plt, fig, (ax1, ax2) = _figure(2)
-    losses = sorted({loss for loss, _ in groups})
-    biases = sorted({b for _, b in groups}, key=float)
-    width = 0.8 / len(losses)
-    for i, loss in enumerate(losses):
-        for panel, metric in ((ax1, "eval/length/policy"), (ax2, "eval/reward/policy")):
-            means, stds = [], []
-            for b in biases:
-                m, s = _stat(_metric(groups[(loss, b)], metric))
-                means.append(m)
-                stds.append(s)
-            xs = [k + (i - (len(losses) - 1) / 2) * width for k in range(len(biases))]
-            panel.bar(xs, means, width, yerr=stds, capsize=3, label=f"loss={loss}")
-    ref_len = statistics.fmean(_metric(jobs, "eval/length/reference"))
-    ax1.axhline(ref_len, color="gray", ls="--", lw=1, label="reference")
-    for ax in (ax1, ax2):
-        ax.set_xticks(range(len(biases)), [f"length_bias={b}" for b in biases])
-    finish_figure(
-        fig, ax1, None, xlabel="", ylabel="tokens per policy sample", title="Response length"
-    )
-    finish_figure(
-        fig, ax2, out, xlabel="", ylabel="true reward of policy samples", title="True reward"
-    )
-    rows = [
-        [loss, b, *(_fmt(_metric(groups[(loss, b)], m)) for m, _ in COLUMNS[2:])]
-        for loss in losses
-        for b in biases
+def _levels(groups: dict[str, list[Run]], n: int = 3, metric: str = "eval/reward/policy"):
+    """``n`` matched KL levels, log-spaced over the KL range where at least two groups' mean
+    frontiers overlap (where a comparison exists). A group whose frontier misses a level shows
+    "—" there (``_cell``); a seed whose own frontier misses it is left out (the cell says n=)."""
+    ranges = []
+    for g in groups.values():
+        f = mean_frontier(g, metric) if g else []
+        if f:
+            ranges.append((max(f[0][0], 1e-3), f[-1][0]))
+    overlaps = [
+        (max(a[0], b[0]), min(a[1], b[1]))
+        for i, a in enumerate(ranges)
+        for b in ranges[i + 1 :]
+        if max(a[0], b[0]) < min(a[1], b[1])
     ]
-    return _table(["loss", "length_bias", *(c for _, c in COLUMNS[2:])], rows)
+    if not overlaps:
+        return []
+    lo, hi = min(o[0] for o in overlaps), max(o[1] for o in overlaps)
+    return matched_levels([[(lo, 0.0), (hi, 0.0)]], n)
 
 
-def kto_binary(jobs: list[Job], out: Path) -> str:
-    groups = _grouped(jobs, "+arm/kto_binary")
-    order = [a for a in ("dpo_pairs", "kto_pairs", "kto_binary") if (a,) in groups]
-    plt, fig, axes = _figure(3)
-    for ax, (metric, label) in zip(
-        axes,
-        (
-            ("eval/reward/policy", "true reward of policy samples"),
-            ("eval/kl", "KL(π‖π_ref), nats"),
-            ("eval/length/policy", "tokens per policy sample"),
-        ),
-        strict=True,
-    ):
-        stats = [_stat(_metric(groups[(a,)], metric)) for a in order]
-        ax.bar(range(len(order)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3)
-        ax.set_xticks(range(len(order)), order)
+def _cell(runs: list[Run], metric: str, kl: float, digits: int = 3) -> str:
+    """``metric`` at ``kl`` over the runs' seeds, or "—" where their mean frontier misses it."""
+    f = mean_frontier(runs, metric) if runs else []
+    if not f or not max(f[0][0], 1e-3) <= kl <= f[-1][0]:
+        return "—"
+    return fmt(matched(runs, metric, kl), digits, n_seeds(runs))
+
+
+def _kl_header(levels: list[float]) -> list[str]:
+    return [f"KL = {kl:g}" for kl in levels]
+
+
+def _per_beta_rows(groups: dict[str, list[Run]]) -> list[list[str]]:
+    rows = []
+    for name, runs in groups.items():
+        for (beta,), g in sorted(by(runs, "beta").items()):
+            rows.append(
+                [
+                    name,
+                    f"{beta:g}",
+                    fmt([r["eval/reward/policy"] for r in g]),
+                    fmt([r["eval/kl"] for r in g], 2),
+                    fmt([r["eval/length/policy"] for r in g], 1),
+                    _capped(g),
+                    str(len(g)),
+                ]
+            )
+    return rows
+
+
+PER_BETA = ["arm", "β", "true reward π", "KL(π‖π_ref)", "length π", "capped", "seeds"]
+
+
+def beta_frontier(runs: dict[str, list[Run]], out: Path) -> str:
+    groups = {loss: g for (loss,), g in by(runs["beta_frontier"], "loss.name").items()}
+    plt, fig, (ax,) = _figure(1)
+    for name, g in groups.items():
+        _errorbar_frontier(ax, g, "eval/reward/policy", name)
+    _reference_line(ax, runs["beta_frontier"])
+    ax.set_xscale("log")
+    finish_figure(
+        fig,
+        ax,
+        out,
+        xlabel="KL(π‖π_ref), nats (log scale)",
+        ylabel="true reward of policy samples",
+        title="Reward against KL over β (mean ± 95% CI)",
+    )
+    levels = _levels(groups, 4)
+    return "\n\n".join(
+        [
+            table(PER_BETA, _per_beta_rows(groups)),
+            "True reward at matched KL:\n\n"
+            + table(
+                ["loss", *_kl_header(levels), "capped", "seeds"],
+                _matched_rows(groups, "eval/reward/policy", levels),
+            ),
+        ]
+    )
+
+
+def _probe_curves(run: Run) -> dict[str, dict[int, float]]:
+    """probe/* columns of metrics.csv against step."""
+    curves: dict[str, dict[int, float]] = defaultdict(dict)
+    with open(run.path / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            for k, v in row.items():
+                if k.startswith("probe/") and v not in ("", None):
+                    curves[k][int(row["step"])] = float(v)
+    return curves
+
+
+def displacement(runs: dict[str, list[Run]], out: Path) -> str:
+    groups = {loss: g for (loss,), g in by(runs["displacement"], "loss.name").items()}
+    plt, fig, axes = _figure(2)
+    colors = dict(zip(groups, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False))
+    for ax, side in zip(axes, ("chosen", "rejected"), strict=True):
+        for name, g in groups.items():
+            curves = [_probe_curves(r)[f"probe/logratios/{side}"] for r in g]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            stats = [ci95([c[s] for c in curves]) for s in steps]
+            m = [x[0] for x in stats]
+            h = [0 if math.isnan(x[1]) else x[1] for x in stats]
+            ax.plot(steps, m, color=colors[name], label=name)
+            ax.fill_between(
+                steps,
+                [a - b for a, b in zip(m, h, strict=True)],
+                [a + b for a, b in zip(m, h, strict=True)],
+                color=colors[name],
+                alpha=0.2,
+            )
+        ax.axhline(0, color="gray", ls="--", lw=1)
         finish_figure(
             fig,
             ax,
-            out if ax is axes[-1] else None,
-            xlabel="",
-            ylabel=label,
-            title=label.split(",")[0],
+            out if side == "rejected" else None,
+            xlabel="training step",
+            ylabel=f"mean log π/π_ref of {side} (probe set)",
+            title=f"{side.capitalize()} completions (mean ± 95% CI)",
         )
-    rows = [[a, *(_fmt(_metric(groups[(a,)], m)) for m, _ in COLUMNS)] for a in order]
-    return _table(["arm", *(c for _, c in COLUMNS)], rows)
+    rows = []
+    for name, g in groups.items():
+        rows.append(
+            [
+                name,
+                f"{g[0].get('beta'):g}",
+                fmt([r["probe/logratios/chosen"] for r in g], 2),
+                fmt([r["probe/logratios/rejected"] for r in g], 2),
+                fmt([r["probe/frac_chosen_below_ref"] for r in g]),
+                fmt([r["eval/reward/policy"] for r in g]),
+                fmt([r["eval/kl"] for r in g], 2),
+                _capped(g),
+                str(len(g)),
+            ]
+        )
+    header = ["loss", "β", "Δ log π(y_c)", "Δ log π(y_r)", "chosen below ref"]
+    return table([*header, "true reward π", "KL", "capped", "seeds"], rows)
 
 
-def bt_mle_floor(job: Job, beta: float) -> float | None:
-    """KL(π̂‖π*) of the policy the training labels themselves identify: per prompt, the
-    Bradley-Terry maximum-likelihood scores ŝ of its labelled pairs, π̂ ∝ π_ref·exp(ŝ/β). DPO run
-    to convergence on these labels lands there, so this is the floor its finite data sets (π_ref
-    read from closed_form_final.csv, 6 decimals). None when the job's task cannot be rebuilt."""
+LABEL_NOISE_ARMS = ("dpo", "cdpo", "robust_dpo", "ipo")
+
+
+def label_noise(runs: dict[str, list[Run]], out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grouped = by(runs["label_noise"], "arm", "dataset.label_noise")
+    arms = [a for a in LABEL_NOISE_ARMS if any(k[0] == a for k in grouped)]
+    noises = sorted({k[1] for k in grouped})
+    fig, axes = plt.subplots(
+        2, len(noises), figsize=(4.6 * len(noises), 7.6), dpi=120, squeeze=False
+    )
+    rows = []
+    for col, noise in enumerate(noises):
+        arm_runs = {a: grouped.get((a, noise), []) for a in arms}
+        levels = _levels(arm_runs, 3, "probe/true_accuracies")
+        for kl in levels:
+            acc = [_cell(arm_runs[a], "probe/true_accuracies", kl) for a in arms]
+            rew = [_cell(arm_runs[a], "eval/reward/policy", kl) for a in arms]
+            rows.append([f"{noise:g}", f"{kl:g}", *acc, *rew])
+        for row, (metric, label) in enumerate(
+            (
+                ("probe/true_accuracies", "held-out accuracy vs the true reward"),
+                ("eval/reward/policy", "true reward of policy samples"),
+            )
+        ):
+            ax = axes[row][col]
+            for arm in arms:
+                if arm_runs[arm]:
+                    _errorbar_frontier(ax, arm_runs[arm], metric, arm)
+            ax.set_xscale("log")
+            last = row == 1 and col == len(noises) - 1
+            finish_figure(
+                fig,
+                ax,
+                out if last else None,
+                xlabel="KL(π‖π_ref), nats (log scale)",
+                ylabel=label,
+                title=f"{noise:g} of labels flipped (mean ± 95% CI)",
+            )
+    header = ["flipped", "KL", *(f"{a} acc" for a in arms), *(f"{a} reward" for a in arms)]
+    per_beta = []
+    for arm in arms:
+        for noise in noises:
+            for (beta,), g in sorted(by(grouped.get((arm, noise), []), "beta").items()):
+                per_beta.append(
+                    [
+                        arm,
+                        f"{noise:g}",
+                        f"{beta:g}",
+                        fmt([r["probe/true_accuracies"] for r in g]),
+                        fmt([r["eval/reward/policy"] for r in g]),
+                        fmt([r["eval/kl"] for r in g], 2),
+                        _capped(g),
+                    ]
+                )
+    return (
+        table(header, rows)
+        + f"\n\n(largest capped share of any run: {_capped(runs['label_noise'])})"
+        + "\n\n<details><summary>Every arm, noise level and β</summary>\n\n"
+        + table(["arm", "flipped", "β", "true acc", "true reward π", "KL", "capped"], per_beta)
+        + "\n\n</details>"
+    )
+
+
+def length_bias(runs: dict[str, list[Run]], out: Path) -> str:
+    groups: dict[str, list[Run]] = {}
+    for loss in ("dpo", "simpo"):
+        groups[f"{loss}, bias 0"] = [r for r in runs["beta_frontier"] if r.get("loss.name") == loss]
+        groups[f"{loss}, bias 1"] = [r for r in runs["length_bias"] if r.get("loss.name") == loss]
+    groups = {k: v for k, v in groups.items() if v}
+    levels = _levels(groups, 2)
+    plt, fig, axes = _figure(2)
+    for name, g in groups.items():
+        ls = "-" if "bias 0" in name else "--"
+        _errorbar_frontier(axes[0], g, "eval/length/policy", name, ls=ls)
+        _errorbar_frontier(axes[1], g, "eval/reward/policy", name, ls=ls)
+    for ax in axes:
+        ax.set_xscale("log")
+    finish_figure(
+        fig,
+        axes[0],
+        None,
+        xlabel="KL(π‖π_ref), nats",
+        ylabel="tokens per policy sample",
+        title="Length against KL (mean ± 95% CI)",
+    )
+    finish_figure(
+        fig,
+        axes[1],
+        out,
+        xlabel="KL(π‖π_ref), nats",
+        ylabel="true reward of policy samples",
+        title="True reward against KL",
+    )
+    rows = []
+    for name, g in groups.items():
+        rows.append(
+            [
+                name,
+                *(_cell(g, "eval/reward/policy", kl) for kl in levels),
+                *(_cell(g, "eval/length/policy", kl, 1) for kl in levels),
+                _capped(g),
+            ]
+        )
+    header = [
+        "arm",
+        *(f"reward, KL = {kl:g}" for kl in levels),
+        *(f"length, KL = {kl:g}" for kl in levels),
+        "capped",
+    ]
+    return table(header, rows) + "\n\n" + table(PER_BETA, _per_beta_rows(groups))
+
+
+def kto_binary(runs: dict[str, list[Run]], out: Path) -> str:
+    groups = {"DPO, pairs": [r for r in runs["beta_frontier"] if r.get("loss.name") == "dpo"]}
+    for (arm,), g in by(runs["kto_binary"], "arm").items():
+        groups[{"kto_pairs": "KTO, pairs split", "kto_binary": "KTO, thumbs up/down"}[arm]] = g
+    groups = {k: v for k, v in groups.items() if v}
+    levels = _levels(groups)
+    plt, fig, (ax,) = _figure(1)
+    for name, g in groups.items():
+        _errorbar_frontier(ax, g, "eval/reward/policy", name)
+    _reference_line(ax, runs["kto_binary"])
+    ax.set_xscale("log")
+    finish_figure(
+        fig,
+        ax,
+        out,
+        xlabel="KL(π‖π_ref), nats (log scale)",
+        ylabel="true reward of policy samples",
+        title="DPO and KTO over β (mean ± 95% CI)",
+    )
+    steps = {
+        name: sorted({int(r.summary.get("steps", -1)) for r in g}) for name, g in groups.items()
+    }
+    return (
+        table(
+            ["arm", *(f"reward, KL = {kl:g}" for kl in levels), "capped", "seeds"],
+            _matched_rows(groups, "eval/reward/policy", levels),
+        )
+        + "\n\nOptimizer steps: "
+        + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in steps.items())
+        + "\n\n"
+        + table(PER_BETA, _per_beta_rows(groups))
+    )
+
+
+def online_vs_offline(runs: dict[str, list[Run]], out: Path) -> str:
+    groups = {
+        "offline DPO": [r for r in runs["beta_frontier"] if r.get("loss.name") == "dpo"],
+        "online DPO": runs["online_vs_offline"],
+    }
+    groups = {k: v for k, v in groups.items() if v}
+    levels = _levels(groups)
+    plt, fig, (ax,) = _figure(1)
+    for name, g in groups.items():
+        _errorbar_frontier(ax, g, "eval/reward/policy", name)
+    _reference_line(ax, runs["online_vs_offline"] or runs["beta_frontier"])
+    ax.set_xscale("log")
+    finish_figure(
+        fig,
+        ax,
+        out,
+        xlabel="KL(π‖π_ref), nats (log scale)",
+        ylabel="true reward of policy samples",
+        title="Online vs offline DPO (mean ± 95% CI)",
+    )
+    online = groups.get("online DPO", [])
+    extra = ""
+    if online:
+        pairs = [r["online/pairs_total"] for r in online]
+        extra = (
+            f"\n\nOnline: {fmt(pairs, 0)} pairs trained on a run (offline: 189 steps × 32 = 6048)."
+        )
+    return (
+        table(
+            ["algo", *(f"reward, KL = {kl:g}" for kl in levels), "capped", "seeds"],
+            _matched_rows(groups, "eval/reward/policy", levels),
+        )
+        + extra
+        + "\n\n"
+        + table(PER_BETA, _per_beta_rows(groups))
+    )
+
+
+def bt_mle_floor(run: Run, beta: float) -> float | None:
+    """KL(π̂‖π*) of the tabular policy the training labels identify: per prompt, the
+    Bradley-Terry maximum-likelihood scores ŝ of its labelled pairs, π̂ ∝ π_ref·exp(ŝ/β), each
+    prompt's set on its own. It is where DPO lands if it fits each prompt's labels exactly as a
+    table would; a model shared across prompts can land closer to π* (it pools evidence) or
+    further (it may not fit), so this is a reference point, not a bound. (π_ref is read from
+    closed_form_final.csv, 6 decimals.) None when the run's task cannot be rebuilt."""
     import torch
-    import yaml
 
     from dpo_lab.tasks.closed_form import load
 
-    cfg_file = job.path / "config.yaml"
-    if not cfg_file.exists():
+    source = run.get("dataset.source")
+    if not source:
         return None
-    source = yaml.safe_load(cfg_file.read_text())["dataset"]["source"]
     data = load(**{k: v for k, v in source.items() if k != "_target_"})
     o = data.oracle
     where = {(p, y): (i, j) for i, p in enumerate(o.prompts) for j, y in enumerate(o.responses[i])}
     P, K = o.rewards.shape
     ref = torch.full((P, K), 1e-9, dtype=torch.float64)
-    with open(job.path / "closed_form_final.csv", newline="") as f:
+    with open(run.path / "closed_form_final.csv", newline="") as f:
         for r in csv.DictReader(f):
             i, j = where[(r["prompt"], r["response"])]
             ref[i, j] = max(float(r["pi_ref"]), 1e-9)
@@ -227,16 +652,31 @@ def bt_mle_floor(job: Job, beta: float) -> float | None:
     return statistics.fmean(kls)
 
 
-def closed_form(jobs: list[Job], out: Path) -> str:
+def closed_form(runs: dict[str, list[Run]], out: Path) -> str:
     plt, fig, (ax1, ax2) = _figure(2)
     rows = []
-    for j in sorted(jobs, key=lambda j: float(_value(j, "beta", "0") or 0)):
-        beta = _value(j, "beta") or str(j.summary.get("beta"))
-        with open(j.path / "closed_form.csv", newline="") as f:
-            curve = list(csv.DictReader(f))
-        steps = [int(r["step"]) for r in curve]
-        ax1.plot(steps, [float(r["kl_to_optimal"]) for r in curve], label=f"β={beta}")
-        with open(j.path / "closed_form_final.csv", newline="") as f:
+    for (beta,), g in sorted(by(runs["closed_form"], "beta").items()):
+        curves, first, last, floors = [], [], [], []
+        for r in g:
+            with open(r.path / "closed_form.csv", newline="") as f:
+                curve = list(csv.DictReader(f))
+            curves.append({int(c["step"]): float(c["kl_to_optimal"]) for c in curve})
+            first.append(curve[0])
+            last.append(curve[-1])
+            floors.append(bt_mle_floor(r, beta))
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        stats = [ci95([c[s] for c in curves]) for s in steps]
+        m = [x[0] for x in stats]
+        h = [0 if math.isnan(x[1]) else x[1] for x in stats]
+        (line,) = ax1.plot(steps, m, label=f"β={beta:g}")
+        ax1.fill_between(
+            steps,
+            [max(a - b, 1e-6) for a, b in zip(m, h, strict=True)],
+            [a + b for a, b in zip(m, h, strict=True)],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+        with open(g[0].path / "closed_form_final.csv", newline="") as f:
             final = list(csv.DictReader(f))
         by_prompt: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for r in final:
@@ -247,20 +687,22 @@ def closed_form(jobs: list[Job], out: Path) -> str:
             mi = statistics.fmean(i for _, i in pairs)
             xs += [r - mr for r, _ in pairs]
             ys += [i - mi for _, i in pairs]
-        ax2.scatter(xs, ys, s=8, alpha=0.6, label=f"β={beta}")
-        first, last = curve[0], curve[-1]
-        floor = bt_mle_floor(j, float(beta))
+        ax2.scatter(xs, ys, s=8, alpha=0.6, label=f"β={beta:g} (seed {g[0].get('seed')})")
+
+        def col(rows_, key):
+            return [float(x[key]) for x in rows_]
+
         rows.append(
             [
-                beta,
+                f"{beta:g}",
                 str(steps[-1]),
-                f"{float(first['kl_to_optimal']):.3f}",
-                f"{float(last['kl_to_optimal']):.3f}",
-                "—" if floor is None else f"{floor:.3f}",
-                f"{float(last['kl_to_reference']):.3f}",
-                f"{float(last['reward_corr']):.3f}",
-                f"{float(last['reward_slope']):.3f}",
-                f"{j.summary.get('wall_time_s', float('nan')):.0f}",
+                fmt(col(first, "kl_to_optimal")),
+                fmt(col(last, "kl_to_optimal")),
+                fmt([f for f in floors if f is not None]),
+                fmt(col(last, "kl_to_reference")),
+                fmt(col(last, "reward_corr")),
+                fmt(col(last, "reward_slope"), 2),
+                str(len(g)),
             ]
         )
     ax1.set_yscale("log")
@@ -272,7 +714,7 @@ def closed_form(jobs: list[Job], out: Path) -> str:
         None,
         xlabel="training step",
         ylabel="KL(π̄_θ ‖ π̄*), nats (log scale)",
-        title="Distance to the exact DPO optimum",
+        title="Distance to the exact DPO optimum (mean ± 95% CI)",
     )
     finish_figure(
         fig,
@@ -282,20 +724,32 @@ def closed_form(jobs: list[Job], out: Path) -> str:
         ylabel="β·log π_θ/π_ref, centred per prompt",
         title="Implicit reward vs true reward (end)",
     )
-    return _table(
-        [
-            "β",
-            "steps",
-            "KL to π* at start",
-            "KL to π* at end",
-            "BT-MLE floor",
-            "KL to π_ref",
-            "corr",
-            "slope",
-            "wall s",
-        ],
-        rows,
+    header = ["β", "steps", "KL to π* at start", "KL to π* at end", "tabular BT-MLE"]
+    return table([*header, "KL to π_ref", "corr", "slope", "label draws"], rows)
+
+
+STUDY_FNS = {
+    f.__name__: f
+    for f in (
+        beta_frontier,
+        displacement,
+        label_noise,
+        length_bias,
+        kto_binary,
+        closed_form,
+        online_vs_offline,
     )
+}
+# the sweeps each study reads (its own, and the runs it shares)
+READS = {
+    "beta_frontier": ["beta_frontier"],
+    "displacement": ["displacement"],
+    "label_noise": ["label_noise"],
+    "length_bias": ["beta_frontier", "length_bias"],
+    "kto_binary": ["beta_frontier", "kto_binary"],
+    "closed_form": ["closed_form"],
+    "online_vs_offline": ["beta_frontier", "online_vs_offline"],
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,33 +810,77 @@ def run_sweeps(root: Path, studies: list[str], workers: int, extra: list[str]) -
         return dict(pool.map(one, order))
 
 
-STUDIES = {f.__name__: f for f in (label_noise, length_bias, kto_binary, closed_form)}
+# ---------------------------------------------------------------------------------------------
+# Report: tables to stdout and the README, figures to docs/
+# ---------------------------------------------------------------------------------------------
+
+
+def sweep_line(root: Path, study: str, runs: list[Run]) -> str:
+    """What a table was made from: runs, seeds, and the sweep's wall time (sweep.json)."""
+    info = root / study / "sweep.json"
+    wall = ""
+    if info.exists():
+        s = json.loads(info.read_text())
+        wall = f", sweep wall time {s['wall_s'] / 60:.0f} min ({s['threads']} threads)"
+    seeds = len({r.get("seed") for r in runs})
+    return f"_{len(runs)} runs, {seeds} seeds{wall}._"
+
+
+def replace_block(text: str, study: str, body: str) -> str:
+    """``text`` with the lines between ``<!-- study:<study> -->`` and ``<!-- /study:<study> -->``
+    replaced by ``body``."""
+    start, end = f"<!-- study:{study} -->", f"<!-- /study:{study} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"studies.py: error: the README has no {start} … {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def report(root: Path, studies: list[str], docs: Path, readme: Path | None) -> int:
+    needed = sorted({s for study in studies for s in READS[study]})
+    runs = load_runs(root, needed)
+    text = readme.read_text() if readme else None
+    missing = []
+    for study in studies:
+        if not runs.get(study):
+            missing.append(study)
+            continue
+        body = STUDY_FNS[study](runs, docs / f"{study}.png")
+        body = sweep_line(root, study, runs[study]) + "\n\n" + body
+        print(f"## {study}\n\n{body}\n")
+        if text is not None:
+            text = replace_block(text, study, body)
+    if readme and text is not None:
+        readme.write_text(text)
+    if missing:
+        print(
+            f"studies.py: no finished runs under {root} for: {', '.join(missing)}", file=sys.stderr
+        )
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "run":
-        ap = argparse.ArgumentParser()
-        ap.add_argument("run")
-        ap.add_argument("--root", type=Path, default=Path("multirun/studies"))
-        ap.add_argument("--workers", type=int, default=2)
-        ap.add_argument("--only", nargs="*", default=list(ORDER))
-        a, extra = ap.parse_known_args(argv)
-        print(run_sweeps(a.root, a.only, a.workers, extra))
-        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("study", choices=sorted(STUDIES))
-    ap.add_argument("sweep", type=Path)
-    ap.add_argument("--out", type=Path, default=None, help="figure path (default: in the sweep)")
-    args = ap.parse_args(argv)
-    jobs = [j for j in collect(args.sweep) if j.status == "done"]
-    if not jobs:
-        print(f"studies.py: error: no finished jobs under {args.sweep}", file=sys.stderr)
-        return 2
-    out = args.out or args.sweep / f"{args.study}.png"
-    print(STUDIES[args.study](jobs, out))
-    print(out)
-    return 0
+    ap.add_argument("what", choices=["all", "run", "report", *STUDY_FNS])
+    ap.add_argument("--root", type=Path, default=Path("multirun/studies"), help="sweep dirs")
+    ap.add_argument("--only", nargs="*", choices=list(STUDY_FNS), default=list(ORDER))
+    ap.add_argument("--workers", type=int, default=2, help="sweeps run side by side")
+    ap.add_argument("--docs", type=Path, default=Path("docs"), help="where figures go")
+    ap.add_argument("--readme", type=Path, default=None, help="rewrite its study blocks")
+    args, extra = ap.parse_known_args(argv)
+    if extra and args.what not in ("all", "run"):
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.what in ("all", "run"):
+        walls = run_sweeps(args.root, args.only, args.workers, extra)
+        print(f"[studies] sweeps done in {sum(walls.values()) / 60:.0f} min of sweep time")
+        if args.what == "run":
+            return 0
+        readme = args.readme or Path("README.md")
+        return report(args.root, args.only, args.docs, readme)
+    studies = args.only if args.what == "report" else [args.what]
+    return report(args.root, studies, args.docs, args.readme)
 
 
 if __name__ == "__main__":

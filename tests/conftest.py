@@ -26,6 +26,7 @@ SMALL = [
     "probe.size=16",
     "probe.every_n_steps=2",
     "eval.num_prompts=16",
+    "eval.samples_per_prompt=2",
     "eval.max_new_tokens=12",
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",

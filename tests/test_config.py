@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import make_cfg, run_cli
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
 from dpo_lab.errors import ConfigError
@@ -50,7 +51,9 @@ def test_every_study_arm_composes(tmp_path, study, arm):
     if arm in ("cdpo", "robust_dpo"):
         assert kwargs["label_smoothing"] == 0.2 and kwargs["robust"] == (arm == "robust_dpo")
     if study == "kto_binary":
-        assert cfg.loss.name == ("dpo" if arm == "dpo_pairs" else "kto")
+        assert cfg.loss.name == "kto"
+        arm_yaml = OmegaConf.load(CONF / "arm" / study / f"{arm}.yaml")
+        assert arm_yaml.dataset.batch_size == 64  # 64 completions a step: DPO's 32 pairs' text
         assert cfg.dataset.source.feedback == ("binary" if arm == "kto_binary" else "pairs")
 
 

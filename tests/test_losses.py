@@ -87,6 +87,9 @@ def test_simpo_by_hand():
     out = run("simpo", paired(-2, -6, 4, 3), None, beta=2.0, gamma_beta_ratio=0.25)
     assert out.losses.item() == pytest.approx(softplus(-2.5))  # 0.078889
     assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((-1.0, -4.0))
+    # γ moves with β: at β = 4, γ = 1; rewards −2 and −8, margin 6 − 1
+    out = run("simpo", paired(-2, -6, 4, 3), None, beta=4.0, gamma_beta_ratio=0.25)
+    assert out.losses.item() == pytest.approx(softplus(-5.0))
 
 
 def test_orpo_by_hand():

@@ -34,11 +34,54 @@ def test_generation_respects_eos_and_max_tokens():
     assert all(1 <= len(c) <= 7 for c in gens.completion_ids)
     ended = [tok.eos_token_id in c for c in gens.completion_ids]
     assert any(ended) and not all(ended), "both endings should occur in this test"
-    for c in gens.completion_ids:
+    for c, capped in zip(gens.completion_ids, gens.capped, strict=True):
         if tok.eos_token_id in c:
             assert c.index(tok.eos_token_id) == len(c) - 1  # nothing after EOS
+            assert not capped
         else:
-            assert len(c) == 7  # only the cap ends a completion without EOS
+            assert len(c) == 7 and capped  # only the cap ends a completion without EOS
+    assert gens.capped_frac == pytest.approx(1 - sum(ended) / 64)
+
+
+def test_capped_online_samples_rank_below_finished_ones_so_chosen_ends_like_offline(
+    monkeypatch,
+):
+    """Online and offline completions end the same way: an online sample unfinished at the cap
+    is a failure (never chosen), so every chosen completion ends with EOS, as every offline
+    completion does once tokenized; a capped sample can still be rejected."""
+    from dpo_lab import online
+    from dpo_lab.data.collate import encode_example
+    from dpo_lab.sampling import Generations
+
+    tok = build_tokenizer()
+    eos = tok.eos_token_id
+    word = tok.convert_tokens_to_ids
+    long_ = [word("great")] * 6  # capped at 6: the judge would love it
+    short = [word("great"), word("."), eos]
+    bad = [word("awful"), eos]
+    prompts = ["moonrise was", "starfall was"]
+    # per prompt K = 3: a capped "great great ...", a finished good and a finished bad answer;
+    # the second prompt's samples are all capped (a tie: no pair)
+    completions = [long_, short, bad, long_, long_, long_]
+
+    def fake_generate(model, tokenizer, asked, **kw):
+        ids = [tokenizer(p)["input_ids"] for p in asked]
+        texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
+        capped = [eos not in c for c in completions]
+        return Generations(list(asked), texts, ids, [list(c) for c in completions], capped)
+
+    monkeypatch.setattr(online, "generate", fake_generate)
+    judge = lambda p, y: float(len(y.split()))  # noqa: E731  longer is better, to this judge
+    maker = online.OnlinePairs(judge, tok, prompts, samples_per_prompt=3, pairs="all")
+    model = torch.nn.Linear(1, 1)
+    batch, metrics = maker(model, None, {"index": torch.tensor([0, 1])})
+    assert metrics["online/capped_frac"] == pytest.approx(4 / 6)
+    assert metrics["online/pairs"] == 3  # short > bad, short > capped, bad > capped
+    chosen = batch["input_ids"][:3]
+    ends = [row[batch["attention_mask"][i].bool()][-1].item() for i, row in enumerate(chosen)]
+    assert ends == [eos] * 3
+    offline = encode_example(tok, "moonrise was", "great .")[1]
+    assert offline[-1] == eos and offline == short  # the same ids as the online chosen sample
 
 
 def test_generation_stops_at_every_end_token_the_model_declares():

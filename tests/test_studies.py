@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,17 @@ from dpo_lab.tasks.closed_form import closed_form_metrics
 from dpo_lab.train import train
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _studies():
+    """scripts/studies.py as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("studies", SCRIPTS / "studies.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["studies"] = module  # dataclasses look their module up while defining
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_closed_form_metrics_by_hand():
@@ -84,7 +94,7 @@ def test_closed_form_task_trains_and_logs_its_exact_checks(tmp_path):
     metrics = (out / "metrics.csv").read_text().splitlines()[0]
     assert "closed_form/kl_to_optimal" in metrics and "closed_form/reward_corr" in metrics
     samples = (out / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 4 and "eval/reward/policy" in summary
+    assert len(samples) == 3 * 2 and "eval/reward/policy" in summary  # 3 prompts × 2 samples
 
 
 def _small_source() -> dict:
@@ -161,65 +171,131 @@ def test_probe_true_accuracy_scores_against_the_true_reward(tmp_path):
     assert summary["probe/true_accuracies"] == pytest.approx(agree / known, abs=1e-6)
 
 
-def _fake_job(root: Path, n: int, overrides: list[str], summary: dict) -> Path:
-    d = root / f"{n}_job"
+def _fake_run(root: Path, study: str, n: int, config: dict, overrides: list[str], summary: dict):
+    d = root / study / f"{n}_job"
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
     (d / "summary.json").write_text(json.dumps(summary))
+    (d / "metrics.csv").write_text(
+        "step,probe/logratios/chosen,probe/logratios/rejected\n0,0,0\n10,-1,-2\n20,-2,-4\n"
+    )
+    if study == "closed_form":
+        (d / "closed_form.csv").write_text(
+            "step,kl_to_optimal,kl_to_reference,reward_corr,reward_slope\n"
+            "0,0.5,0,nan,0\n10,0.05,0.3,0.9,0.95\n"
+        )
+        (d / "closed_form_final.csv").write_text(
+            "prompt,response,reward,implicit_reward,pi,pi_star,pi_ref\n"
+            "a,x,1.0,0.9,0.6,0.6,0.5\na,y,-1.0,-0.8,0.4,0.4,0.5\n"
+        )
     return d
 
 
-@pytest.mark.parametrize("study", ["label_noise", "length_bias", "kto_binary", "closed_form"])
-def test_study_figures_build_from_run_dirs(tmp_path, study):
-    base = {
-        "eval/reward/policy": 0.5,
-        "eval/reward/reference": 0.0,
-        "eval/kl": 2.0,
-        "eval/length/policy": 12.0,
-        "eval/length/reference": 9.0,
-        "probe/true_accuracies": 0.8,
-        "probe/rewards/accuracies": 0.7,
-        "wall_time_s": 10.0,
-        "beta": 0.5,
-    }
-    grids = {
-        "label_noise": [
-            [f"+arm/label_noise={a}", f"dataset.label_noise={n}"]
-            for a in ("dpo", "cdpo")
-            for n in ("0.0", "0.2")
-        ],
-        "length_bias": [
-            [f"loss={loss}", f"dataset.source.length_bias={b}", f"seed={s}"]
-            for loss in ("dpo", "simpo")
-            for b in ("0.0", "1.0")
-            for s in (0, 1)
-        ],
-        "kto_binary": [
-            [f"+arm/kto_binary={a}", f"seed={s}"]
-            for a in ("dpo_pairs", "kto_binary")
-            for s in (0, 1)
-        ],
-        "closed_form": [[f"beta={b}"] for b in ("0.5", "1.0")],
-    }
-    for n, overrides in enumerate(grids[study]):
-        d = _fake_job(tmp_path, n, overrides, {**base, "eval/kl": 1.0 + n})
-        if study == "closed_form":
-            (d / "closed_form.csv").write_text(
-                "step,kl_to_optimal,kl_to_reference,reward_corr,reward_slope\n"
-                "0,0.5,0,nan,0\n10,0.05,0.3,0.9,0.95\n"
-            )
-            (d / "closed_form_final.csv").write_text(
-                "prompt,response,reward,implicit_reward,pi,pi_star,pi_ref\n"
-                "a,x,1.0,0.9,0.6,0.6,0.5\na,y,-1.0,-0.8,0.4,0.4,0.5\n"
-            )
-    out = tmp_path / f"{study}.png"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "studies.py"), study, str(tmp_path), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert out.stat().st_size > 10_000
-    table = proc.stdout.splitlines()
-    assert table[0].startswith("| ") and len([x for x in table if x.startswith("| ")]) >= 3
+def _fake_sweeps(root: Path) -> None:
+    """Two seeds × two or three β for every study's arms; KL = 1, 4, 16 over β, reward rising
+    with KL by arm, so the matched-KL cells are known by hand."""
+    n = 0
+
+    def add(study, loss, beta, seed, kl, reward, arm=None, **cfg):
+        nonlocal n
+        config = {"loss": {"name": loss}, "beta": beta, "seed": seed, **cfg}
+        overrides = [f"beta={beta}", f"seed={seed}"] + ([f"+arm/{study}={arm}"] if arm else [])
+        summary = {
+            "eval/reward/policy": reward,
+            "eval/reward/reference": 0.0,
+            "eval/kl": kl,
+            "eval/length/policy": 10.0 + kl,
+            "eval/capped_frac/policy": 0.0,
+            "probe/true_accuracies": 0.5 + reward / 10,
+            "probe/logratios/chosen": -1.0,
+            "probe/logratios/rejected": -2.0,
+            "probe/frac_chosen_below_ref": 0.8,
+            "online/pairs_total": 5000,
+            "steps": 189,
+        }
+        _fake_run(root, study, n, config, overrides, summary)
+        n += 1
+
+    grid = [(1.0, 1.0), (0.1, 4.0), (0.01, 16.0)]  # β, KL
+    for seed in (0, 1):
+        for beta, kl in grid:
+            r = math.log2(kl) / 10 + seed / 100  # 0, 0.2, 0.4 (+ seed)
+            for loss in ("dpo", "ipo", "simpo"):
+                add("beta_frontier", loss, beta, seed, kl, r)
+            for loss in ("dpo", "simpo"):
+                add("length_bias", loss, beta, seed, kl, r - 0.1)
+            for arm in ("kto_pairs", "kto_binary"):
+                add("kto_binary", "kto", beta, seed, kl, r + 0.05, arm=arm)
+            add("online_vs_offline", "dpo", beta, seed, kl, r + 0.2, algo={"name": "online"})
+            for arm in ("dpo", "ipo"):
+                for noise in (0.0, 0.4):
+                    add(
+                        "label_noise",
+                        arm,
+                        beta,
+                        seed,
+                        kl,
+                        r - noise,
+                        arm=arm,
+                        dataset={"label_noise": noise},
+                    )
+        for loss in ("dpo", "dpop"):
+            add("displacement", loss, 0.1, seed, 4.0, 0.3)
+        for beta in (0.5, 1.0):
+            add("closed_form", "dpo", beta, seed, 1.0, 0.1)
+
+
+@pytest.mark.parametrize(
+    "study",
+    [
+        "beta_frontier",
+        "displacement",
+        "label_noise",
+        "length_bias",
+        "kto_binary",
+        "closed_form",
+        "online_vs_offline",
+    ],
+)
+def test_study_tables_and_figures_build_from_run_dirs(tmp_path, study, capsys):
+    _fake_sweeps(tmp_path)
+    argv = [study, "--root", str(tmp_path), "--docs", str(tmp_path / "docs")]
+    assert _studies().main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert (tmp_path / "docs" / f"{study}.png").stat().st_size > 10_000
+    rows = [x for x in stdout.splitlines() if x.startswith("| ")]
+    assert len(rows) >= 3
+    if study == "beta_frontier":  # at KL = 4 every seed's reward is 0.2 + seed/100
+        line = next(x for x in rows if x.startswith("| dpo | 0.1 |"))
+        assert "0.205 ± 0.064" in line  # mean 0.205, t(1) = 12.706 × 0.00707 / √2
+        matched_row = next(x for x in rows if x.startswith("| ipo | ") and "KL" not in x)
+        assert "0.000" in matched_row  # the capped share
+
+
+def test_ci95_by_hand():
+    s = _studies()
+    ci95, fmt, t975 = s.ci95, s.fmt, s.t975
+
+    assert t975(4) == pytest.approx(2.776) and t975(100) == pytest.approx(1.960)
+    xs = [1.0, 2.0, 3.0, 4.0, 5.0]  # mean 3, s = √2.5 = 1.5811, s/√5 = 0.70711
+    m, h, n = ci95(xs)
+    assert (m, n) == (3.0, 5) and h == pytest.approx(2.776 * 0.70711, abs=1e-4)  # 1.96293
+    assert fmt(xs, 2) == "3.00 ± 1.96"
+    assert fmt([1.0, float("nan"), 3.0], 1, expect=3) == "2.0 ± 12.7 (n=2)"  # t(1)·√2/√2
+    assert ci95([])[2] == 0 and math.isnan(ci95([2.0])[1])
+
+
+def test_matched_kl_interpolates_in_log_kl_and_never_extrapolates():
+    s = _studies()
+    at_kl, matched_levels = s.at_kl, s.matched_levels
+
+    pts = [(4.0, 0.4), (1.0, 0.0), (16.0, 0.6)]  # unsorted on purpose
+    assert at_kl(pts, 2.0) == pytest.approx(0.2)  # half way in log KL between 1 and 4
+    assert at_kl(pts, 8.0) == pytest.approx(0.5)
+    assert at_kl(pts, 1.0) == pytest.approx(0.0) and at_kl(pts, 16.0) == pytest.approx(0.6)
+    assert at_kl(pts, 0.5) is None and at_kl(pts, 20.0) is None
+    levels = matched_levels([pts, [(2.0, 0.0), (32.0, 1.0)]], 3)
+    assert len(levels) == 3 and 2.0 <= levels[0] < levels[1] < levels[2] <= 16.0
+    assert levels[1] == pytest.approx(5.7, abs=0.06)  # √(2·16) rounded to 2 digits
+    assert matched_levels([[(1.0, 0.0), (2.0, 1.0)], [(3.0, 0.0), (4.0, 1.0)]]) == []
