@@ -60,7 +60,8 @@ def evaluate(
     ``eval/capped_frac/{policy,reference}``: the share of samples that reached
     ``max_new_tokens`` without an end token. A capped sample is scored as the text it has, and
     its log-ratio is over that prefix only, so a capped share above 0 means reward, length and
-    KL are censored: read them with it. ``eval/num_samples`` is the number of samples a model.
+    KL are censored: read them with it. ``eval/num_samples`` and ``eval/num_prompts`` count the
+    samples a model and the prompts.
     Sampling stops at every end token the model declares (``stop_token_ids``). Each model samples
     from the same seeded RNG state, so the reference's numbers are identical across runs that
     share ``seed`` and prompts.
@@ -94,15 +95,20 @@ def evaluate(
         for i, (p, a, b) in enumerate(zip(asked, pol.texts, ref.texts, strict=True))
     ]
     if reward_fn is not None:
-        columns["eval/reward/policy"] = [reward_fn(p, y) for p, y in zip(asked, pol.texts)]
-        columns["eval/reward/reference"] = [reward_fn(p, y) for p, y in zip(asked, ref.texts)]
+        for name, gens in (("policy", pol), ("reference", ref)):
+            columns[f"eval/reward/{name}"] = [
+                reward_fn(p, y) for p, y in zip(asked, gens.texts, strict=True)
+            ]
         for row, a, b in zip(
             rows, columns["eval/reward/policy"], columns["eval/reward/reference"], strict=True
         ):
             row.update(policy_reward=a, reference_reward=b)
     for row, lr, pc, rc in zip(rows, kl.tolist(), pol.capped, ref.capped, strict=True):
         row.update(policy_logratio=lr, policy_capped=pc, reference_capped=rc)
-    metrics: dict[str, float] = {"eval/num_samples": float(len(asked))}
+    metrics: dict[str, float] = {
+        "eval/num_samples": float(len(asked)),
+        "eval/num_prompts": float(len(prompts)),
+    }
     for name, xs in columns.items():
         mean, std = _mean_std(xs)
         metrics[name] = mean

@@ -194,9 +194,10 @@ class OnlinePairs:
             "online/gen_seconds": gen_seconds,
             "online/pairs_total": float(self.pairs_total),
         }
-        if pairs:  # the judge's own scores (a capped rejected sample's too)
-            metrics["online/score_margin"] = sum(scores[c] - scores[r] for c, r in pairs) / len(
-                pairs
+        finished = [(c, r) for c, r in pairs if not gens.capped[r]]
+        if finished:  # the judge's scores, over pairs of two finished samples
+            metrics["online/score_margin"] = sum(scores[c] - scores[r] for c, r in finished) / len(
+                finished
             )
         if reference is not None:  # KL(π‖π_ref) on this step's samples (π's own, temperature 1)
             seqs = pad_sequences(

@@ -589,6 +589,13 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
         eval_reference.to(module.device)
         # distinct held-out prompts, in order; each sampled eval.samples_per_prompt times
         prompts = distinct_prompts(run.data.val, cfg.eval.num_prompts)
+        if len(prompts) < cfg.eval.num_prompts:
+            log.warning(
+                "eval.num_prompts=%d, but the held-out split has %d distinct prompts: "
+                "evaluating those (eval/num_prompts)",
+                cfg.eval.num_prompts,
+                len(prompts),
+            )
         metrics, rows = evaluate(
             policy,
             eval_reference,

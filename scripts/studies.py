@@ -40,7 +40,7 @@ from dpo_lab.report import collect
 # Statistics
 # ---------------------------------------------------------------------------------------------
 
-# Student t, 0.975 quantile, by degrees of freedom (the normal's 1.960 beyond 30)
+# Student t, 0.975 quantile, by degrees of freedom 1 … 30
 # fmt: off
 _T975 = (
     12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -51,10 +51,14 @@ _T975 = (
 
 
 def t975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (tabled to 30; beyond, the
+    normal's 1.960 with Cornish-Fisher's first correction, within 0.003 of the exact value)."""
     if df < 1:
         raise ValueError(f"t975 needs df >= 1, got {df}")
-    return _T975[df - 1] if df <= len(_T975) else 1.960
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df)
 
 
 def ci95(xs: list[float]) -> tuple[float, float, int]:
@@ -69,21 +73,36 @@ def ci95(xs: list[float]) -> tuple[float, float, int]:
     return m, t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs)), len(xs)
 
 
-def fmt(xs: list[float], digits: int = 3, expect: int | None = None) -> str:
+def fmt(xs: list[float], digits: int = 3, expect: int | None = None, signed: bool = False) -> str:
     """``mean ± half-width`` of ``ci95``; ``(n=k)`` when fewer than ``expect`` values counted."""
     m, h, n = ci95(xs)
     if n == 0:
         return "—"
-    cell = f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {h:.{digits}f}"
+    sign = "+" if signed else ""
+    cell = f"{m:{sign}.{digits}f}" + ("" if n == 1 else f" ± {h:.{digits}f}")
+    return cell + (f" (n={n})" if expect is not None and n < expect else "")
+
+
+KL_FLOOR = 1e-3  # a KL estimate at or below 0 (a policy at its reference, up to Monte Carlo noise)
+
+
+def fmt_kl(xs: list[float], expect: int | None = None) -> str:
+    """KL over seeds as a geometric mean ×/÷ its 95% factor (a t-interval of log KL): KL is
+    positive and heavy-tailed, so an additive interval would reach below 0. Estimates ≤ 0 count
+    as ``KL_FLOOR``."""
+    logs = [math.log(max(x, KL_FLOOR)) for x in xs if x is not None and math.isfinite(x)]
+    m, h, n = ci95(logs)
+    if n == 0:
+        return "—"
+    cell = f"{math.exp(m):.3g}" + ("" if n == 1 else f" ×/÷ {math.exp(h):.2f}")
     return cell + (f" (n={n})" if expect is not None and n < expect else "")
 
 
 def at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
     """The metric at ``kl`` on one frontier: ``points`` are (KL, metric) over β; linear
     interpolation in log KL between the two points around ``kl`` (sorted by KL), None outside
-    their range (no extrapolation). Points with KL ≤ 0 (a policy at its reference, up to Monte
-    Carlo noise) count as KL = 1e-3."""
-    pts = sorted((max(k, 1e-3), v) for k, v in points if math.isfinite(k) and math.isfinite(v))
+    their range (no extrapolation). KL estimates ≤ 0 count as ``KL_FLOOR``."""
+    pts = sorted((max(k, KL_FLOOR), v) for k, v in points if math.isfinite(k) and math.isfinite(v))
     if not pts or not pts[0][0] <= kl <= pts[-1][0]:
         return None
     for (k0, v0), (k1, v1) in zip(pts, pts[1:], strict=False):
@@ -95,20 +114,29 @@ def at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
     return pts[0][1]  # a single point, at exactly kl
 
 
-def matched_levels(frontiers: list[list[tuple[float, float]]], n: int = 3) -> list[float]:
-    """``n`` KL levels, log-spaced inside the KL range that every frontier in ``frontiers``
-    covers, each rounded to 2 significant digits (more where needed to stay inside); [] when
-    the ranges do not overlap."""
-    lo = max(min(k for k, _ in f) for f in frontiers)
-    hi = min(max(k for k, _ in f) for f in frontiers)
-    lo, hi = max(lo, 1e-3) * 1.02, hi / 1.02
-    if not lo < hi:
+def levels_in(intervals: list[tuple[float, float]], n: int = 3) -> list[float]:
+    """``n`` KL levels spread evenly (in log KL) over the union of ``intervals``, each inside one
+    of them (at the middles of n equal shares of the union's log length, so never at an edge and
+    never in a gap between intervals), rounded to 2 significant digits (more where needed to
+    stay inside); [] for an empty union."""
+    spans = sorted((math.log(max(a, KL_FLOOR)), math.log(b)) for a, b in intervals if a < b)
+    merged: list[list[float]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    total = sum(b - a for a, b in merged)
+    if not merged or total <= 0:
         return []
-    step = (math.log(hi) - math.log(lo)) / max(1, n - 1)
     out = []
     for i in range(n):
-        x = math.exp(math.log(lo) + i * step)
-        out.append(_round_within(x, lo, hi))
+        pos = total * (i + 0.5) / n
+        for a, b in merged:
+            if pos <= b - a:
+                out.append(_round_within(math.exp(a + pos), math.exp(a), math.exp(b)))
+                break
+            pos -= b - a
     return out
 
 
@@ -184,27 +212,47 @@ def by(runs: list[Run], *keys: str) -> dict[tuple, list[Run]]:
 
 
 def seed_frontiers(runs: list[Run], metric: str) -> dict[int, list[tuple[float, float]]]:
-    """Per seed, the (eval/kl, metric) points of its runs over β."""
+    """Per seed, the (eval/kl, metric) points of its runs over β (non-finite points left out)."""
     out: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for r in runs:
-        out[r.get("seed")].append((r["eval/kl"], r[metric]))
+        if math.isfinite(r["eval/kl"]) and math.isfinite(r[metric]):
+            out[r.get("seed")].append((r["eval/kl"], r[metric]))
     return dict(out)
 
 
-def mean_frontier(runs: list[Run], metric: str) -> list[tuple[float, float]]:
-    """(mean KL, mean metric) over seeds at each β, sorted by KL."""
-    pts = []
-    for g in by(runs, "beta").values():
-        pts.append(
-            (statistics.fmean(r["eval/kl"] for r in g), statistics.fmean(r[metric] for r in g))
-        )
-    return sorted(pts)
+CAPPED_LIMIT = 0.01  # runs with a larger share of capped samples stay out of the frontiers
 
 
-def matched(runs: list[Run], metric: str, kl: float) -> list[float]:
-    """``metric`` at ``kl`` on each seed's own frontier (seeds whose range misses ``kl`` drop)."""
-    vals = [at_kl(pts, kl) for pts in seed_frontiers(runs, metric).values()]
-    return [v for v in vals if v is not None]
+def usable(runs: list[Run]) -> list[Run]:
+    """The runs whose evaluation is not censored: at most ``CAPPED_LIMIT`` of the policy's
+    samples hit the cap unfinished (their reward, length and KL would be those of prefixes)."""
+    return [r for r in runs if not r["eval/capped_frac/policy"] > CAPPED_LIMIT]
+
+
+def kl_range(runs: list[Run], metric: str) -> tuple[float, float] | None:
+    """The KL range a group's frontier covers: between its smallest and largest per-β median KL
+    over seeds (usable runs; a median, so one runaway seed does not stretch it). A seed whose own
+    frontier misses a level inside it is left out of that cell (which then says ``n=``); paired
+    differences use the seeds both groups have there."""
+    medians = sorted(
+        statistics.median(r["eval/kl"] for r in g)
+        for g in by(usable(runs), "beta").values()
+        if all(math.isfinite(r["eval/kl"]) and math.isfinite(r[metric]) for r in g)
+    )
+    if len(medians) > 1 and max(medians[0], KL_FLOOR) < medians[-1]:
+        return max(medians[0], KL_FLOOR), medians[-1]
+    return None
+
+
+def matched(runs: list[Run], metric: str, kl: float) -> dict[int, float]:
+    """``metric`` at ``kl`` on each seed's own frontier (usable runs; seeds whose frontier misses
+    ``kl`` are left out), by seed."""
+    out = {}
+    for seed, pts in seed_frontiers(usable(runs), metric).items():
+        v = at_kl(pts, kl)
+        if v is not None:
+            out[seed] = v
+    return out
 
 
 def n_seeds(runs: list[Run]) -> int:
@@ -233,25 +281,33 @@ def _figure(ncols: int):
 
 
 def _capped(runs: list[Run]) -> str:
-    """Largest share of capped policy samples over the runs (0 means no sample was censored)."""
+    """Largest share of capped policy samples over the runs (0: no sample was censored)."""
     xs = [r["eval/capped_frac/policy"] for r in runs]
     xs = [x for x in xs if math.isfinite(x)]
     return f"{max(xs):.3f}" if xs else "—"
 
 
+def _left_out(runs: list[Run]) -> str:
+    return str(len(runs) - len(usable(runs)))
+
+
 def _errorbar_frontier(ax, runs: list[Run], metric: str, label: str, **kw) -> None:
-    """One point per β: mean KL and mean metric over seeds, both with 95% CI bars."""
+    """One point per β (usable runs): the geometric-mean KL ×/÷ its 95% factor and the mean
+    metric ± its 95% CI over seeds."""
     pts = []
-    for g in by(runs, "beta").values():
-        kx, kh, _ = ci95([r["eval/kl"] for r in g])
+    for g in by(usable(runs), "beta").values():
+        logs = [math.log(max(r["eval/kl"], KL_FLOOR)) for r in g]
+        lm, lh, _ = ci95(logs)
         mx, mh, _ = ci95([r[metric] for r in g])
-        pts.append((kx, mx, 0 if math.isnan(kh) else kh, 0 if math.isnan(mh) else mh))
+        lh, mh = (0.0 if math.isnan(lh) else lh), (0.0 if math.isnan(mh) else mh)
+        k = math.exp(lm)
+        pts.append((k, mx, k - math.exp(lm - lh), math.exp(lm + lh) - k, mh))
     pts.sort()
     ax.errorbar(
         [p[0] for p in pts],
         [p[1] for p in pts],
-        xerr=[p[2] for p in pts],
-        yerr=[p[3] for p in pts],
+        xerr=[[p[2] for p in pts], [p[3] for p in pts]],
+        yerr=[p[4] for p in pts],
         marker="o",
         capsize=3,
         label=label,
@@ -265,67 +321,104 @@ def _reference_line(ax, runs: list[Run]) -> None:
         ax.axhline(statistics.fmean(ref), color="gray", ls="--", lw=1, label="reference (SFT)")
 
 
-def _matched_rows(groups: dict[str, list[Run]], metric: str, levels: list[float], digits=3):
-    """One row per group: the metric at each matched KL level, mean ± CI over seeds."""
-    rows = []
-    for name, runs in groups.items():
-        cells = [_cell(runs, metric, kl, digits) for kl in levels]
-        rows.append([name, *cells, _capped(runs), str(n_seeds(runs))])
-    return rows
-
-
 def _levels(groups: dict[str, list[Run]], n: int = 3, metric: str = "eval/reward/policy"):
-    """``n`` matched KL levels, log-spaced over the KL range where at least two groups' mean
-    frontiers overlap (where a comparison exists). A group whose frontier misses a level shows
-    "—" there (``_cell``); a seed whose own frontier misses it is left out (the cell says n=)."""
-    ranges = []
-    for g in groups.values():
-        f = mean_frontier(g, metric) if g else []
-        if f:
-            ranges.append((max(f[0][0], 1e-3), f[-1][0]))
+    """``n`` matched KL levels inside the KL ranges where two or more groups overlap
+    (``kl_range`` of each, pairwise intersections, ``levels_in``): where a comparison exists."""
+    ranges = [r for g in groups.values() if g and (r := kl_range(g, metric))]
     overlaps = [
         (max(a[0], b[0]), min(a[1], b[1]))
         for i, a in enumerate(ranges)
         for b in ranges[i + 1 :]
         if max(a[0], b[0]) < min(a[1], b[1])
     ]
-    if not overlaps:
-        return []
-    lo, hi = min(o[0] for o in overlaps), max(o[1] for o in overlaps)
-    return matched_levels([[(lo, 0.0), (hi, 0.0)]], n)
+    return levels_in(overlaps, n)
+
+
+def _covers(runs: list[Run], metric: str, kl: float) -> bool:
+    rng = kl_range(runs, metric) if runs else None
+    return rng is not None and rng[0] <= kl <= rng[1]
 
 
 def _cell(runs: list[Run], metric: str, kl: float, digits: int = 3) -> str:
-    """``metric`` at ``kl`` over the runs' seeds, or "—" where their mean frontier misses it."""
-    f = mean_frontier(runs, metric) if runs else []
-    if not f or not max(f[0][0], 1e-3) <= kl <= f[-1][0]:
+    """``metric`` at ``kl`` over the group's seeds, or "—" where its frontier does not reach."""
+    if not _covers(runs, metric, kl):
         return "—"
-    return fmt(matched(runs, metric, kl), digits, n_seeds(runs))
+    return fmt(list(matched(runs, metric, kl).values()), digits, n_seeds(usable(runs)))
 
 
-def _kl_header(levels: list[float]) -> list[str]:
-    return [f"KL = {kl:g}" for kl in levels]
+def _paired_cell(a: list[Run], b: list[Run], metric: str, kl: float, digits: int = 3) -> str:
+    """a − b at ``kl``, seed by seed (runs of one seed share the data order and the evaluation's
+    RNG state, so the difference is paired), mean ± 95% CI over the seeds both have."""
+    if not (_covers(a, metric, kl) and _covers(b, metric, kl)):
+        return "—"
+    va, vb = matched(a, metric, kl), matched(b, metric, kl)
+    diffs = [va[s] - vb[s] for s in va.keys() & vb.keys()]
+    expect = len({r.get("seed") for r in usable(a)} & {r.get("seed") for r in usable(b)})
+    return fmt(diffs, digits, expect, signed=True)
+
+
+def _matched_tables(
+    groups: dict[str, list[Run]],
+    metric: str,
+    levels: list[float],
+    against: dict[str, str] | None = None,
+    first: str = "arm",
+    digits: int = 3,
+) -> str:
+    """The metric at each matched KL level per group, then (``against``: group → baseline
+    group) the paired differences."""
+    header = [first, *(f"KL = {kl:g}" for kl in levels), "capped", "left out", "seeds"]
+    rows = [
+        [
+            name,
+            *(_cell(g, metric, kl, digits) for kl in levels),
+            _capped(usable(g)),
+            _left_out(g),
+            str(n_seeds(g)),
+        ]
+        for name, g in groups.items()
+    ]
+    out = table(header, rows)
+    if against:
+        diff_rows = [
+            [
+                f"{a} − {b}",
+                *(_paired_cell(groups[a], groups[b], metric, kl, digits) for kl in levels),
+            ]
+            for a, b in against.items()
+            if a in groups and b in groups
+        ]
+        out += "\n\nPaired differences (same seeds):\n\n" + table(
+            ["difference", *(f"KL = {kl:g}" for kl in levels)], diff_rows
+        )
+    return out
 
 
 def _per_beta_rows(groups: dict[str, list[Run]]) -> list[list[str]]:
     rows = []
     for name, runs in groups.items():
         for (beta,), g in sorted(by(runs, "beta").items()):
+            n = len(g)
             rows.append(
                 [
                     name,
                     f"{beta:g}",
-                    fmt([r["eval/reward/policy"] for r in g]),
-                    fmt([r["eval/kl"] for r in g], 2),
-                    fmt([r["eval/length/policy"] for r in g], 1),
+                    fmt([r["eval/reward/policy"] for r in g], 3, n),
+                    fmt_kl([r["eval/kl"] for r in g], n),
+                    fmt([r["eval/length/policy"] for r in g], 1, n),
                     _capped(g),
-                    str(len(g)),
+                    str(n),
                 ]
             )
     return rows
 
 
 PER_BETA = ["arm", "β", "true reward π", "KL(π‖π_ref)", "length π", "capped", "seeds"]
+CAPTION = (
+    "Cells: mean ± 95% CI over seeds; KL as geometric mean ×/÷ its 95% factor. capped: largest "
+    f"share of samples that hit the cap unfinished; left out: runs above {CAPPED_LIMIT:.0%} "
+    "capped, kept out of the matched-KL frontiers."
+)
 
 
 def beta_frontier(runs: dict[str, list[Run]], out: Path) -> str:
@@ -344,14 +437,15 @@ def beta_frontier(runs: dict[str, list[Run]], out: Path) -> str:
         title="Reward against KL over β (mean ± 95% CI)",
     )
     levels = _levels(groups, 4)
+    against = {k: "dpo" for k in groups if k != "dpo"}
     return "\n\n".join(
         [
+            "True reward at matched KL:",
+            _matched_tables(groups, "eval/reward/policy", levels, against, first="loss"),
+            CAPTION,
+            "<details><summary>Every loss and β</summary>",
             table(PER_BETA, _per_beta_rows(groups)),
-            "True reward at matched KL:\n\n"
-            + table(
-                ["loss", *_kl_header(levels), "capped", "seeds"],
-                _matched_rows(groups, "eval/reward/policy", levels),
-            ),
+            "</details>",
         ]
     )
 
@@ -405,13 +499,13 @@ def displacement(runs: dict[str, list[Run]], out: Path) -> str:
                 fmt([r["probe/logratios/rejected"] for r in g], 2),
                 fmt([r["probe/frac_chosen_below_ref"] for r in g]),
                 fmt([r["eval/reward/policy"] for r in g]),
-                fmt([r["eval/kl"] for r in g], 2),
+                fmt_kl([r["eval/kl"] for r in g]),
                 _capped(g),
                 str(len(g)),
             ]
         )
     header = ["loss", "β", "Δ log π(y_c)", "Δ log π(y_r)", "chosen below ref"]
-    return table([*header, "true reward π", "KL", "capped", "seeds"], rows)
+    return table([*header, "true reward π", "KL", "capped", "seeds"], rows) + "\n\n" + CAPTION
 
 
 LABEL_NOISE_ARMS = ("dpo", "cdpo", "robust_dpo", "ipo")
@@ -429,7 +523,7 @@ def label_noise(runs: dict[str, list[Run]], out: Path) -> str:
     fig, axes = plt.subplots(
         2, len(noises), figsize=(4.6 * len(noises), 7.6), dpi=120, squeeze=False
     )
-    rows = []
+    rows, diffs = [], []
     for col, noise in enumerate(noises):
         arm_runs = {a: grouped.get((a, noise), []) for a in arms}
         levels = _levels(arm_runs, 3, "probe/true_accuracies")
@@ -437,6 +531,17 @@ def label_noise(runs: dict[str, list[Run]], out: Path) -> str:
             acc = [_cell(arm_runs[a], "probe/true_accuracies", kl) for a in arms]
             rew = [_cell(arm_runs[a], "eval/reward/policy", kl) for a in arms]
             rows.append([f"{noise:g}", f"{kl:g}", *acc, *rew])
+            diffs.append(
+                [
+                    f"{noise:g}",
+                    f"{kl:g}",
+                    *(
+                        _paired_cell(arm_runs[a], arm_runs["dpo"], "probe/true_accuracies", kl)
+                        for a in arms
+                        if a != "dpo"
+                    ),
+                ]
+            )
         for row, (metric, label) in enumerate(
             (
                 ("probe/true_accuracies", "held-out accuracy vs the true reward"),
@@ -467,15 +572,20 @@ def label_noise(runs: dict[str, list[Run]], out: Path) -> str:
                         arm,
                         f"{noise:g}",
                         f"{beta:g}",
-                        fmt([r["probe/true_accuracies"] for r in g]),
-                        fmt([r["eval/reward/policy"] for r in g]),
-                        fmt([r["eval/kl"] for r in g], 2),
+                        fmt([r["probe/true_accuracies"] for r in g], 3, len(g)),
+                        fmt([r["eval/reward/policy"] for r in g], 3, len(g)),
+                        fmt_kl([r["eval/kl"] for r in g], len(g)),
                         _capped(g),
                     ]
                 )
+    others = [a for a in arms if a != "dpo"]
     return (
         table(header, rows)
-        + f"\n\n(largest capped share of any run: {_capped(runs['label_noise'])})"
+        + "\n\nTrue accuracy, paired difference from DPO at the same noise and KL (same seeds):"
+        + "\n\n"
+        + table(["flipped", "KL", *(f"{a} − dpo" for a in others)], diffs)
+        + f"\n\n{CAPTION} Largest capped share of any run: {_capped(runs['label_noise'])}; "
+        + f"runs left out: {_left_out(runs['label_noise'])}."
         + "\n\n<details><summary>Every arm, noise level and β</summary>\n\n"
         + table(["arm", "flipped", "β", "true acc", "true reward π", "KL", "capped"], per_beta)
         + "\n\n</details>"
@@ -512,23 +622,19 @@ def length_bias(runs: dict[str, list[Run]], out: Path) -> str:
         ylabel="true reward of policy samples",
         title="True reward against KL",
     )
-    rows = []
-    for name, g in groups.items():
-        rows.append(
-            [
-                name,
-                *(_cell(g, "eval/reward/policy", kl) for kl in levels),
-                *(_cell(g, "eval/length/policy", kl, 1) for kl in levels),
-                _capped(g),
-            ]
-        )
-    header = [
-        "arm",
-        *(f"reward, KL = {kl:g}" for kl in levels),
-        *(f"length, KL = {kl:g}" for kl in levels),
-        "capped",
-    ]
-    return table(header, rows) + "\n\n" + table(PER_BETA, _per_beta_rows(groups))
+    against = {f"{loss}, bias 1": f"{loss}, bias 0" for loss in ("dpo", "simpo")}
+    return "\n\n".join(
+        [
+            "True reward at matched KL:",
+            _matched_tables(groups, "eval/reward/policy", levels, against),
+            "Length (tokens) at matched KL:",
+            _matched_tables(groups, "eval/length/policy", levels, against, digits=1),
+            CAPTION,
+            "<details><summary>Every arm and β</summary>",
+            table(PER_BETA, _per_beta_rows(groups)),
+            "</details>",
+        ]
+    )
 
 
 def kto_binary(runs: dict[str, list[Run]], out: Path) -> str:
@@ -553,15 +659,18 @@ def kto_binary(runs: dict[str, list[Run]], out: Path) -> str:
     steps = {
         name: sorted({int(r.summary.get("steps", -1)) for r in g}) for name, g in groups.items()
     }
-    return (
-        table(
-            ["arm", *(f"reward, KL = {kl:g}" for kl in levels), "capped", "seeds"],
-            _matched_rows(groups, "eval/reward/policy", levels),
-        )
-        + "\n\nOptimizer steps: "
-        + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in steps.items())
-        + "\n\n"
-        + table(PER_BETA, _per_beta_rows(groups))
+    against = {k: "DPO, pairs" for k in groups if k != "DPO, pairs"}
+    return "\n\n".join(
+        [
+            "True reward at matched KL:",
+            _matched_tables(groups, "eval/reward/policy", levels, against),
+            "Optimizer steps: "
+            + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in steps.items()),
+            CAPTION,
+            "<details><summary>Every arm and β</summary>",
+            table(PER_BETA, _per_beta_rows(groups)),
+            "</details>",
+        ]
     )
 
 
@@ -586,20 +695,28 @@ def online_vs_offline(runs: dict[str, list[Run]], out: Path) -> str:
         title="Online vs offline DPO (mean ± 95% CI)",
     )
     online = groups.get("online DPO", [])
-    extra = ""
+    budget = ""
     if online:
-        pairs = [r["online/pairs_total"] for r in online]
-        extra = (
-            f"\n\nOnline: {fmt(pairs, 0)} pairs trained on a run (offline: 189 steps × 32 = 6048)."
+        offline = groups.get("offline DPO", [])
+        epochs = {r.get("trainer.max_epochs") for r in offline}
+        budget = (
+            f"Pairs trained on: online {fmt([r['online/pairs_total'] for r in online], 0)} a run; "
+            f"offline {'/'.join(map(str, sorted(epochs)))} epochs of the task's 2000 pairs."
         )
-    return (
-        table(
-            ["algo", *(f"reward, KL = {kl:g}" for kl in levels), "capped", "seeds"],
-            _matched_rows(groups, "eval/reward/policy", levels),
-        )
-        + extra
-        + "\n\n"
-        + table(PER_BETA, _per_beta_rows(groups))
+    return "\n\n".join(
+        [
+            "True reward at matched KL:",
+            _matched_tables(
+                groups, "eval/reward/policy", levels, {"online DPO": "offline DPO"}, first="algo"
+            ),
+            "Length (tokens) at matched KL:",
+            _matched_tables(groups, "eval/length/policy", levels, first="algo", digits=1),
+            budget,
+            CAPTION,
+            "<details><summary>Every β</summary>",
+            table(PER_BETA, _per_beta_rows(groups)),
+            "</details>",
+        ]
     )
 
 
@@ -769,10 +886,13 @@ ORDER = (
 )
 
 
-def run_sweeps(root: Path, studies: list[str], workers: int, extra: list[str]) -> dict[str, float]:
+def run_sweeps(
+    root: Path, studies: list[str], workers: int, extra: list[str]
+) -> dict[str, tuple[int, float]]:
     """Run each study's sweep (``python -m dpo_lab.train -m experiment=<study>``) into
     ``root/<study>``, ``workers`` sweeps at a time, each with its share of the CPU threads.
-    Returns each sweep's wall time in seconds (also in ``root/<study>/sweep.json``)."""
+    Returns each sweep's exit status and wall time in seconds (also in ``root/<study>/sweep.json``;
+    a job that fails inside a sweep leaves ``failed.json`` in its run dir, see dpo_lab.report)."""
     import concurrent.futures
     import json
     import os
@@ -782,7 +902,7 @@ def run_sweeps(root: Path, studies: list[str], workers: int, extra: list[str]) -
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
-    def one(study: str) -> tuple[str, float]:
+    def one(study: str) -> tuple[str, tuple[int, float]]:
         out = root / study
         out.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -803,7 +923,7 @@ def run_sweeps(root: Path, studies: list[str], workers: int, extra: list[str]) -
             json.dumps({"cmd": cmd, "returncode": rc, "wall_s": wall, "threads": threads})
         )
         print(f"[studies] {study}: exit {rc} in {wall / 60:.1f} min", flush=True)
-        return study, wall
+        return study, (rc, wall)
 
     order = sorted(studies, key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -838,14 +958,23 @@ def replace_block(text: str, study: str, body: str) -> str:
 
 
 def report(root: Path, studies: list[str], docs: Path, readme: Path | None) -> int:
+    """Each study's table (stdout, and its README block with ``readme``) and figure (``docs``).
+    Refuses before writing anything if a README block or a sweep a study reads is missing."""
     needed = sorted({s for study in studies for s in READS[study]})
     runs = load_runs(root, needed)
+    missing = sorted({s for study in studies for s in READS[study] if not runs.get(s)})
+    if missing:
+        print(
+            f"studies.py: error: no finished runs under {root} for {', '.join(missing)} "
+            f"(read by {', '.join(st for st in studies if set(READS[st]) & set(missing))})",
+            file=sys.stderr,
+        )
+        return 2
     text = readme.read_text() if readme else None
-    missing = []
+    if text is not None:
+        for study in studies:
+            replace_block(text, study, "")  # every block is there before anything is written
     for study in studies:
-        if not runs.get(study):
-            missing.append(study)
-            continue
         body = STUDY_FNS[study](runs, docs / f"{study}.png")
         body = sweep_line(root, study, runs[study]) + "\n\n" + body
         print(f"## {study}\n\n{body}\n")
@@ -853,11 +982,6 @@ def report(root: Path, studies: list[str], docs: Path, readme: Path | None) -> i
             text = replace_block(text, study, body)
     if readme and text is not None:
         readme.write_text(text)
-    if missing:
-        print(
-            f"studies.py: no finished runs under {root} for: {', '.join(missing)}", file=sys.stderr
-        )
-        return 2
     return 0
 
 
@@ -873,8 +997,12 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.what not in ("all", "run"):
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.what in ("all", "run"):
-        walls = run_sweeps(args.root, args.only, args.workers, extra)
-        print(f"[studies] sweeps done in {sum(walls.values()) / 60:.0f} min of sweep time")
+        results = run_sweeps(args.root, args.only, args.workers, extra)
+        failed = [study for study, (rc, _) in results.items() if rc != 0]
+        print(f"[studies] sweeps done: {sum(w for _, w in results.values()) / 60:.0f} min")
+        if failed:  # a sweep whose Hydra process failed: its tables would be partial
+            print(f"studies.py: error: sweep(s) failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
         if args.what == "run":
             return 0
         readme = args.readme or Path("README.md")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from conftest import make_cfg, run_cli
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
 from dpo_lab.errors import ConfigError
@@ -52,8 +51,8 @@ def test_every_study_arm_composes(tmp_path, study, arm):
         assert kwargs["label_smoothing"] == 0.2 and kwargs["robust"] == (arm == "robust_dpo")
     if study == "kto_binary":
         assert cfg.loss.name == "kto"
-        arm_yaml = OmegaConf.load(CONF / "arm" / study / f"{arm}.yaml")
-        assert arm_yaml.dataset.batch_size == 64  # 64 completions a step: DPO's 32 pairs' text
+        full = make_cfg(tmp_path, f"+arm/{study}={arm}", small=False)  # the shrunk task sets 16
+        assert full.dataset.batch_size == 64  # as many completions a step as DPO's 32 pairs
         assert cfg.dataset.source.feedback == ("binary" if arm == "kto_binary" else "pairs")
 
 

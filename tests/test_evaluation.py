@@ -28,22 +28,30 @@ def test_evaluate_counts_samples_and_capped_share():
     from conftest import tiny_llama
 
     tok = build_tokenizer()
-    model = tiny_llama(vocab=len(tok), seed=1)
+    policy = tiny_llama(vocab=len(tok), seed=1)
     with torch.no_grad():  # a bias toward EOS, so that both endings occur
-        model.lm_head.weight[tok.eos_token_id] = model.model.norm.weight * 0.25
+        policy.lm_head.weight[tok.eos_token_id] = policy.model.norm.weight * 0.25
+    reference = tiny_llama(vocab=len(tok), seed=2)
+    head = torch.nn.Linear(reference.config.hidden_size, len(tok), bias=True)
+    with torch.no_grad():  # a reference that never ends: every sample is capped
+        head.weight.copy_(reference.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = -1e4
+    reference.lm_head = head
     prompts = ["moonrise was", "starfall was", "i watched nightfall and it was"]
     metrics, rows = evaluate(
-        model, model, tok, prompts, sentiment.reward,
+        policy, reference, tok, prompts, sentiment.reward,
         max_new_tokens=5, batch_size=8, samples_per_prompt=6, seed=0,
     )  # fmt: skip
     assert metrics["eval/num_samples"] == 18 and len(rows) == 18
+    assert metrics["eval/num_prompts"] == 3
     assert [r["prompt"] for r in rows] == [p for p in prompts for _ in range(6)]
     capped = [r["policy_capped"] for r in rows]
     assert 0 < sum(capped) < 18, "both endings should occur in this test"
     assert metrics["eval/capped_frac/policy"] == pytest.approx(sum(capped) / 18)
-    # the same model and RNG state: the reference's samples are the policy's, KL is 0
-    assert metrics["eval/capped_frac/reference"] == metrics["eval/capped_frac/policy"]
-    assert metrics["eval/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert all(r["reference_capped"] for r in rows)
+    assert metrics["eval/capped_frac/reference"] == 1.0
+    assert metrics["eval/length/reference"] == 5.0  # capped samples run to the cap
     rewards = [r["policy_reward"] for r in rows]
     assert metrics["eval/reward/policy"] == pytest.approx(statistics.fmean(rewards))
     assert metrics["eval/reward/policy_se"] == pytest.approx(
@@ -83,9 +91,13 @@ def test_a_run_evaluates_distinct_held_out_prompts_several_times(cfg_factory):
         "eval.max_new_tokens=4",
     )  # fmt: skip
     summary = train(cfg)
-    assert summary["eval/num_samples"] == 15
+    assert summary["eval/num_samples"] == 15 and summary["eval/num_prompts"] == 5
     assert 0.0 <= summary["eval/capped_frac/policy"] <= 1.0
     rows = [json.loads(line) for line in open(f"{cfg.output_dir}/samples.jsonl")]
     prompts = [r["prompt"] for r in rows]
     assert len(set(prompts)) == 5 and all(prompts.count(p) == 3 for p in set(prompts))
     assert all(k in summary for k in ("eval/kl_se", "eval/reward/policy_se"))
+    # the prompts the run evaluated are not among the prompts it trained on
+    source = {k: v for k, v in cfg.dataset.source.items() if k != "_target_"}
+    trained = {r["prompt"] for r in sentiment.load(**source).train}
+    assert trained and not set(prompts) & trained

@@ -77,9 +77,19 @@ def test_capped_online_samples_rank_below_finished_ones_so_chosen_ends_like_offl
     batch, metrics = maker(model, None, {"index": torch.tensor([0, 1])})
     assert metrics["online/capped_frac"] == pytest.approx(4 / 6)
     assert metrics["online/pairs"] == 3  # short > bad, short > capped, bad > capped
+    assert metrics["online/tied_prompts"] == 1  # the all-capped prompt gives no pair
+    assert metrics["online/score_margin"] == pytest.approx(2 - 1)  # finished pairs only
     chosen = batch["input_ids"][:3]
     ends = [row[batch["attention_mask"][i].bool()][-1].item() for i, row in enumerate(chosen)]
     assert ends == [eos] * 3
+    # best_worst: the best finished sample against the capped one
+    maker = online.OnlinePairs(judge, tok, prompts, samples_per_prompt=3, pairs="best_worst")
+    batch, metrics = maker(model, None, {"index": torch.tensor([0, 1])})
+    assert metrics["online/pairs"] == 1
+    ids = batch["input_ids"]
+    n_prompt = len(tok("moonrise was")["input_ids"])
+    assert ids[0, n_prompt : n_prompt + 3].tolist() == short
+    assert ids[1, n_prompt : n_prompt + 6].tolist() == long_
     offline = encode_example(tok, "moonrise was", "great .")[1]
     assert offline[-1] == eos and offline == short  # the same ids as the online chosen sample
 

@@ -199,6 +199,7 @@ def _fake_sweeps(root: Path) -> None:
 
     def add(study, loss, beta, seed, kl, reward, arm=None, **cfg):
         nonlocal n
+        capped = cfg.pop("capped", 0.0)
         config = {"loss": {"name": loss}, "beta": beta, "seed": seed, **cfg}
         overrides = [f"beta={beta}", f"seed={seed}"] + ([f"+arm/{study}={arm}"] if arm else [])
         summary = {
@@ -206,7 +207,7 @@ def _fake_sweeps(root: Path) -> None:
             "eval/reward/reference": 0.0,
             "eval/kl": kl,
             "eval/length/policy": 10.0 + kl,
-            "eval/capped_frac/policy": 0.0,
+            "eval/capped_frac/policy": capped,
             "probe/true_accuracies": 0.5 + reward / 10,
             "probe/logratios/chosen": -1.0,
             "probe/logratios/rejected": -2.0,
@@ -221,8 +222,11 @@ def _fake_sweeps(root: Path) -> None:
     for seed in (0, 1):
         for beta, kl in grid:
             r = math.log2(kl) / 10 + seed / 100  # 0, 0.2, 0.4 (+ seed)
-            for loss in ("dpo", "ipo", "simpo"):
+            for loss in ("dpo", "ipo"):
                 add("beta_frontier", loss, beta, seed, kl, r)
+            # one SimPO run ran away to the cap: it is left out of the frontiers
+            capped = 0.5 if (seed, beta) == (1, 0.01) else 0.0
+            add("beta_frontier", "simpo", beta, seed, kl, r, capped=capped)
             for loss in ("dpo", "simpo"):
                 add("length_bias", loss, beta, seed, kl, r - 0.1)
             for arm in ("kto_pairs", "kto_binary"):
@@ -266,18 +270,29 @@ def test_study_tables_and_figures_build_from_run_dirs(tmp_path, study, capsys):
     assert (tmp_path / "docs" / f"{study}.png").stat().st_size > 10_000
     rows = [x for x in stdout.splitlines() if x.startswith("| ")]
     assert len(rows) >= 3
-    if study == "beta_frontier":  # at KL = 4 every seed's reward is 0.2 + seed/100
-        line = next(x for x in rows if x.startswith("| dpo | 0.1 |"))
-        assert "0.205 ± 0.064" in line  # mean 0.205, t(1) = 12.706 × 0.00707 / √2
-        matched_row = next(x for x in rows if x.startswith("| ipo | ") and "KL" not in x)
-        assert "0.000" in matched_row  # the capped share
+    if study == "beta_frontier":
+        per_beta = next(x for x in rows if x.startswith("| dpo | 0.1 |"))
+        # reward 0.2 + seed/100 over seeds 0, 1: mean 0.205, t(1)·s/√2 = 12.706 × 0.00707 / √2
+        assert "| 0.205 ± 0.064 | 4 ×/÷ 1.00 |" in per_beta
+        # matched levels: the middles of 4 equal shares of [log 1, log 16]: √2, 2√2, 4√2, 8√2
+        assert (
+            "| loss | KL = 1.4 | KL = 2.8 | KL = 5.7 | KL = 11 | capped | left out | seeds |"
+            in rows
+        )
+        dpo = next(x for x in rows if x.startswith("| dpo | ") and "×/÷" not in x)
+        at = [math.log2(kl) / 10 + 0.005 for kl in (1.4, 2.8, 5.7, 11)]  # the frontier, by hand
+        assert dpo.startswith("| dpo | " + " | ".join(f"{v:.3f} ± 0.064" for v in at) + " |")
+        simpo = next(x for x in rows if x.startswith("| simpo | ") and "×/÷" not in x)
+        assert simpo.endswith("| 0.000 | 1 | 2 |")  # the capped run: left out, counted
+        assert "(n=1)" in simpo  # seed 1's frontier now stops at KL 4
+        assert next(x for x in rows if x.startswith("| ipo − dpo |")).count("+0.000 ± 0.000") == 4
 
 
 def test_ci95_by_hand():
     s = _studies()
     ci95, fmt, t975 = s.ci95, s.fmt, s.t975
 
-    assert t975(4) == pytest.approx(2.776) and t975(100) == pytest.approx(1.960)
+    assert t975(4) == pytest.approx(2.776) and t975(100) == pytest.approx(1.984, abs=0.002)
     xs = [1.0, 2.0, 3.0, 4.0, 5.0]  # mean 3, s = √2.5 = 1.5811, s/√5 = 0.70711
     m, h, n = ci95(xs)
     assert (m, n) == (3.0, 5) and h == pytest.approx(2.776 * 0.70711, abs=1e-4)  # 1.96293
@@ -288,14 +303,23 @@ def test_ci95_by_hand():
 
 def test_matched_kl_interpolates_in_log_kl_and_never_extrapolates():
     s = _studies()
-    at_kl, matched_levels = s.at_kl, s.matched_levels
+    at_kl, levels_in = s.at_kl, s.levels_in
 
     pts = [(4.0, 0.4), (1.0, 0.0), (16.0, 0.6)]  # unsorted on purpose
     assert at_kl(pts, 2.0) == pytest.approx(0.2)  # half way in log KL between 1 and 4
     assert at_kl(pts, 8.0) == pytest.approx(0.5)
     assert at_kl(pts, 1.0) == pytest.approx(0.0) and at_kl(pts, 16.0) == pytest.approx(0.6)
     assert at_kl(pts, 0.5) is None and at_kl(pts, 20.0) is None
-    levels = matched_levels([pts, [(2.0, 0.0), (32.0, 1.0)]], 3)
-    assert len(levels) == 3 and 2.0 <= levels[0] < levels[1] < levels[2] <= 16.0
-    assert levels[1] == pytest.approx(5.7, abs=0.06)  # √(2·16) rounded to 2 digits
-    assert matched_levels([[(1.0, 0.0), (2.0, 1.0)], [(3.0, 0.0), (4.0, 1.0)]]) == []
+    # levels sit inside the intervals, never in the gap between them: [1, 4] and [16, 64] have
+    # log lengths 2·ln 2 each; 4 levels at the middles of 4 equal shares: 1·√2, 2√2, 16√2, 32√2
+    assert levels_in([(16.0, 64.0), (1.0, 4.0)], 4) == [1.4, 2.8, 23.0, 45.0]
+    assert levels_in([(1.0, 2.0), (1.5, 4.0)], 1) == [2.0]  # overlapping: merged to [1, 4]
+    assert levels_in([(3.0, 3.0)], 2) == [] and levels_in([], 3) == []
+
+
+def test_kl_intervals_are_multiplicative():
+    s = _studies()
+    # logs of 1, e², e⁴: mean 2, s = 2, t(2) = 4.303: geometric mean e² ×/÷ e^(4.303·2/√3)
+    cell = s.fmt_kl([1.0, math.e**2, math.e**4])
+    assert cell == f"{math.e**2:.3g} ×/÷ {math.exp(4.303 * 2 / math.sqrt(3)):.2f}"
+    assert s.fmt_kl([-0.1, 0.001]) == "0.001 ×/÷ 1.00"  # estimates ≤ 0 count as 1e-3
