@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import re
@@ -720,6 +721,18 @@ def online_vs_offline(runs: dict[str, list[Run]], out: Path) -> str:
     )
 
 
+@functools.cache
+def _closed_form_task(source: str):
+    """The closed-form task of a run's ``dataset.source`` (JSON), rebuilt once per source."""
+    import transformers
+
+    from dpo_lab.tasks.closed_form import load
+
+    transformers.utils.logging.disable_progress_bar()
+    settings = {k: v for k, v in json.loads(source).items() if k != "_target_"}
+    return load(**settings)
+
+
 def bt_mle_floor(run: Run, beta: float) -> float | None:
     """KL(π̂‖π*) of the tabular policy the training labels identify: per prompt, the
     Bradley-Terry maximum-likelihood scores ŝ of its labelled pairs, π̂ ∝ π_ref·exp(ŝ/β), each
@@ -729,12 +742,10 @@ def bt_mle_floor(run: Run, beta: float) -> float | None:
     closed_form_final.csv, 6 decimals.) None when the run's task cannot be rebuilt."""
     import torch
 
-    from dpo_lab.tasks.closed_form import load
-
     source = run.get("dataset.source")
     if not source:
         return None
-    data = load(**{k: v for k, v in source.items() if k != "_target_"})
+    data = _closed_form_task(json.dumps(source, sort_keys=True))
     o = data.oracle
     where = {(p, y): (i, j) for i, p in enumerate(o.prompts) for j, y in enumerate(o.responses[i])}
     P, K = o.rewards.shape
@@ -816,6 +827,14 @@ def closed_form(runs: dict[str, list[Run]], out: Path) -> str:
                 fmt(col(first, "kl_to_optimal")),
                 fmt(col(last, "kl_to_optimal")),
                 fmt([f for f in floors if f is not None]),
+                fmt(
+                    [
+                        float(x["kl_to_optimal"]) - f
+                        for x, f in zip(last, floors, strict=True)
+                        if f is not None
+                    ],
+                    signed=True,
+                ),
                 fmt(col(last, "kl_to_reference")),
                 fmt(col(last, "reward_corr")),
                 fmt(col(last, "reward_slope"), 2),
@@ -841,7 +860,7 @@ def closed_form(runs: dict[str, list[Run]], out: Path) -> str:
         ylabel="β·log π_θ/π_ref, centred per prompt",
         title="Implicit reward vs true reward (end)",
     )
-    header = ["β", "steps", "KL to π* at start", "KL to π* at end", "tabular BT-MLE"]
+    header = ["β", "steps", "KL to π* at start", "KL to π* at end", "tabular BT-MLE", "end − MLE"]
     return table([*header, "KL to π_ref", "corr", "slope", "label draws"], rows)
 
 

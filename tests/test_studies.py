@@ -323,3 +323,24 @@ def test_kl_intervals_are_multiplicative():
     cell = s.fmt_kl([1.0, math.e**2, math.e**4])
     assert cell == f"{math.e**2:.3g} ×/÷ {math.exp(4.303 * 2 / math.sqrt(3)):.2f}"
     assert s.fmt_kl([-0.1, 0.001]) == "0.001 ×/÷ 1.00"  # estimates ≤ 0 count as 1e-3
+
+
+def test_report_rewrites_the_readme_blocks_and_refuses_a_missing_one(tmp_path, capsys):
+    s = _studies()
+    _fake_sweeps(tmp_path)
+    readme = tmp_path / "README.md"
+    text = "# x\n<!-- study:kto_binary -->\nold\n<!-- /study:kto_binary -->\ntail\n"
+    readme.write_text(text)
+    docs = tmp_path / "docs"
+    assert s.report(tmp_path, ["kto_binary"], docs, readme) == 0
+    new = readme.read_text()
+    assert (
+        "old" not in new and new.startswith("# x\n<!-- study:kto_binary -->\n_") and "tail" in new
+    )
+    assert "| KTO, thumbs up/down − DPO, pairs |" in new
+    with pytest.raises(SystemExit, match="study:closed_form"):  # no block: nothing written
+        s.report(tmp_path, ["kto_binary", "closed_form"], docs, readme)
+    assert readme.read_text() == new
+    (tmp_path / "beta_frontier").rename(tmp_path / "elsewhere")  # a sweep it reads is missing
+    assert s.report(tmp_path, ["kto_binary"], docs, None) == 2
+    assert "beta_frontier" in capsys.readouterr().err
