@@ -506,7 +506,36 @@ def displacement(runs: dict[str, list[Run]], out: Path) -> str:
             ]
         )
     header = ["loss", "β", "Δ log π(y_c)", "Δ log π(y_r)", "chosen below ref"]
-    return table([*header, "true reward π", "KL", "capped", "seeds"], rows) + "\n\n" + CAPTION
+    out = table([*header, "true reward π", "KL", "capped", "seeds"], rows)
+    # each run against DPO at its own KL: DPO's frontier over β (beta_frontier), same seed
+    dpo = [r for r in runs.get("beta_frontier", []) if r.get("loss.name") == "dpo"]
+    metrics = [
+        ("probe/logratios/chosen", 2),
+        ("probe/logratios/rejected", 2),
+        ("probe/frac_chosen_below_ref", 3),
+        ("eval/reward/policy", 3),
+    ]
+    diff_rows = []
+    for name, g in groups.items():
+        if name == "dpo" or not dpo:
+            continue
+        cells = []
+        for metric, digits in metrics:
+            fronts = seed_frontiers(usable(dpo), metric)
+            diffs = []
+            for r in usable(g):
+                ref = at_kl(fronts.get(r.get("seed"), []), max(r["eval/kl"], KL_FLOOR))
+                if ref is not None:
+                    diffs.append(r[metric] - ref)
+            cells.append(fmt(diffs, digits, len(g), signed=True) if diffs else "—")
+        diff_rows.append([f"{name} − DPO at its KL", *cells])
+    if diff_rows:
+        out += (
+            "\n\nAgainst DPO at the same KL (DPO's frontier over β from beta_frontier, read at "
+            "each run's own KL, same seed; — where DPO's β grid does not reach that KL):\n\n"
+            + table(["difference", *(h for h in header[2:]), "true reward π"], diff_rows)
+        )
+    return out + "\n\n" + CAPTION
 
 
 LABEL_NOISE_ARMS = ("dpo", "cdpo", "robust_dpo", "ipo")
@@ -879,7 +908,7 @@ STUDY_FNS = {
 # the sweeps each study reads (its own, and the runs it shares)
 READS = {
     "beta_frontier": ["beta_frontier"],
-    "displacement": ["displacement"],
+    "displacement": ["beta_frontier", "displacement"],
     "label_noise": ["label_noise"],
     "length_bias": ["beta_frontier", "length_bias"],
     "kto_binary": ["beta_frontier", "kto_binary"],

@@ -57,8 +57,10 @@ def test_artifacts(dpo_run):
     assert json.loads((out / "summary.json").read_text()) == pytest.approx(summary)
     assert summary["steps"] == 6  # 96 pairs / 16 per batch, 1 epoch
     assert 0.0 <= summary["val/rewards/accuracies"] <= 1.0
+    rows = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert len(rows) == 16 * 2  # eval.num_prompts × eval.samples_per_prompt (the shrunk config)
     assert summary["eval/reward/reference"] == pytest.approx(
-        sum(json.loads(line)["reference_reward"] for line in open(out / "samples.jsonl")) / 16
+        sum(r["reference_reward"] for r in rows) / len(rows)
     )
     from PIL import Image  # matplotlib depends on pillow
 
@@ -192,12 +194,15 @@ def test_wandb_offline(cfg_factory):
     table = json.loads(samples.read_text())
     assert table["columns"] == [
         "prompt",
+        "sample",
         "policy",
         "reference",
         "policy_reward",
         "reference_reward",
+        "policy_logratio",
+        "policy_capped",
     ]
-    assert len(table["data"]) == 4
+    assert len(table["data"]) == 4 * 2  # prompts × samples per prompt
     (traj,) = (media / "table" / "probe").glob("trajectories_*.table.json")
     table = json.loads(traj.read_text())
     assert table["columns"][:2] == ["step", "example_id"] and "logratio_chosen" in table["columns"]
