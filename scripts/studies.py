@@ -416,9 +416,11 @@ def _per_beta_rows(groups: dict[str, list[Run]]) -> list[list[str]]:
 
 PER_BETA = ["arm", "β", "true reward π", "KL(π‖π_ref)", "length π", "capped", "seeds"]
 CAPTION = (
-    "Cells: mean ± 95% CI over seeds; KL as geometric mean ×/÷ its 95% factor. capped: largest "
-    f"share of samples that hit the cap unfinished; left out: runs above {CAPPED_LIMIT:.0%} "
-    "capped, kept out of the matched-KL frontiers."
+    "Cells: mean ± 95% CI over seeds; KL as geometric mean ×/÷ its 95% factor. Matched-KL "
+    "tables: each arm's KL range runs between its smallest and largest per-β median KL over "
+    f"the runs kept; left out: runs above {CAPPED_LIMIT:.0%} of samples capped, kept out of the "
+    "frontiers; capped: the largest capped share among the runs kept (the per-β tables show "
+    "every run's)."
 )
 
 
@@ -609,8 +611,34 @@ def label_noise(runs: dict[str, list[Run]], out: Path) -> str:
                     ]
                 )
     others = [a for a in arms if a != "dpo"]
+    # one KL every arm reaches at every noise level: what noise costs at equal KL
+    ranges = [r for g in grouped.values() if (r := kl_range(g, "probe/true_accuracies"))]
+    lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    common = ""
+    if ranges and lo < hi:
+        (kl,) = levels_in([(lo, hi)], 1)
+        common_rows = [
+            [
+                arm,
+                *(_cell(grouped.get((arm, n), []), "probe/true_accuracies", kl) for n in noises),
+                *(_cell(grouped.get((arm, n), []), "eval/reward/policy", kl) for n in noises),
+            ]
+            for arm in arms
+        ]
+        common = (
+            f"\n\nAt one KL that every arm reaches at every noise level (KL = {kl:g}):\n\n"
+            + table(
+                [
+                    "arm",
+                    *(f"acc, {n:g} flipped" for n in noises),
+                    *(f"reward, {n:g} flipped" for n in noises),
+                ],
+                common_rows,
+            )
+        )
     return (
         table(header, rows)
+        + common
         + "\n\nTrue accuracy, paired difference from DPO at the same noise and KL (same seeds):"
         + "\n\n"
         + table(["flipped", "KL", *(f"{a} − dpo" for a in others)], diffs)
@@ -989,7 +1017,8 @@ def sweep_line(root: Path, study: str, runs: list[Run]) -> str:
     wall = ""
     if info.exists():
         s = json.loads(info.read_text())
-        wall = f", sweep wall time {s['wall_s'] / 60:.0f} min ({s['threads']} threads)"
+        threads = f"{s['threads']} thread{'s' if s['threads'] > 1 else ''}"
+        wall = f", sweep wall time {s['wall_s'] / 60:.0f} min ({threads} per job)"
     seeds = len({r.get("seed") for r in runs})
     return f"_{len(runs)} runs, {seeds} seeds{wall}._"
 
