@@ -103,7 +103,7 @@ def evaluate(
             rows, columns["eval/reward/policy"], columns["eval/reward/reference"], strict=True
         ):
             row.update(policy_reward=a, reference_reward=b)
-    for row, lr, pc, rc in zip(rows, kl.tolist(), pol.capped, ref.capped, strict=True):
+    for row, lr, pc, rc in zip(rows, columns["eval/kl"], pol.capped, ref.capped, strict=True):
         row.update(policy_logratio=lr, policy_capped=pc, reference_capped=rc)
     metrics: dict[str, float] = {
         "eval/num_samples": float(len(asked)),

@@ -322,6 +322,24 @@ def _reference_line(ax, runs: list[Run]) -> None:
         ax.axhline(statistics.fmean(ref), color="gray", ls="--", lw=1, label="reference (SFT)")
 
 
+def _reward_figure(groups: dict[str, list[Run]], reference: list[Run], out: Path, title: str):
+    """True reward against KL (log scale), one frontier over β per group, the reference's
+    reward dashed: the figure of every study that compares methods on reward."""
+    plt, fig, (ax,) = _figure(1)
+    for name, g in groups.items():
+        _errorbar_frontier(ax, g, "eval/reward/policy", name)
+    _reference_line(ax, reference)
+    ax.set_xscale("log")
+    finish_figure(
+        fig,
+        ax,
+        out,
+        xlabel="KL(π‖π_ref), nats (log scale)",
+        ylabel="true reward of policy samples",
+        title=title,
+    )
+
+
 def _levels(groups: dict[str, list[Run]], n: int = 3, metric: str = "eval/reward/policy"):
     """``n`` matched KL levels inside the KL ranges where two or more groups overlap
     (``kl_range`` of each, pairwise intersections, ``levels_in``): where a comparison exists."""
@@ -426,19 +444,7 @@ CAPTION = (
 
 def beta_frontier(runs: dict[str, list[Run]], out: Path) -> str:
     groups = {loss: g for (loss,), g in by(runs["beta_frontier"], "loss.name").items()}
-    plt, fig, (ax,) = _figure(1)
-    for name, g in groups.items():
-        _errorbar_frontier(ax, g, "eval/reward/policy", name)
-    _reference_line(ax, runs["beta_frontier"])
-    ax.set_xscale("log")
-    finish_figure(
-        fig,
-        ax,
-        out,
-        xlabel="KL(π‖π_ref), nats (log scale)",
-        ylabel="true reward of policy samples",
-        title="Reward against KL over β (mean ± 95% CI)",
-    )
+    _reward_figure(groups, runs["beta_frontier"], out, "Reward against KL over β (mean ± 95% CI)")
     levels = _levels(groups, 4)
     against = {k: "dpo" for k in groups if k != "dpo"}
     return "\n\n".join(
@@ -701,19 +707,7 @@ def kto_binary(runs: dict[str, list[Run]], out: Path) -> str:
         groups[{"kto_pairs": "KTO, pairs split", "kto_binary": "KTO, thumbs up/down"}[arm]] = g
     groups = {k: v for k, v in groups.items() if v}
     levels = _levels(groups)
-    plt, fig, (ax,) = _figure(1)
-    for name, g in groups.items():
-        _errorbar_frontier(ax, g, "eval/reward/policy", name)
-    _reference_line(ax, runs["kto_binary"])
-    ax.set_xscale("log")
-    finish_figure(
-        fig,
-        ax,
-        out,
-        xlabel="KL(π‖π_ref), nats (log scale)",
-        ylabel="true reward of policy samples",
-        title="DPO and KTO over β (mean ± 95% CI)",
-    )
+    _reward_figure(groups, runs["kto_binary"], out, "DPO and KTO over β (mean ± 95% CI)")
     steps = {
         name: sorted({int(r.summary.get("steps", -1)) for r in g}) for name, g in groups.items()
     }
@@ -739,18 +733,11 @@ def online_vs_offline(runs: dict[str, list[Run]], out: Path) -> str:
     }
     groups = {k: v for k, v in groups.items() if v}
     levels = _levels(groups)
-    plt, fig, (ax,) = _figure(1)
-    for name, g in groups.items():
-        _errorbar_frontier(ax, g, "eval/reward/policy", name)
-    _reference_line(ax, runs["online_vs_offline"] or runs["beta_frontier"])
-    ax.set_xscale("log")
-    finish_figure(
-        fig,
-        ax,
+    _reward_figure(
+        groups,
+        runs["online_vs_offline"] or runs["beta_frontier"],
         out,
-        xlabel="KL(π‖π_ref), nats (log scale)",
-        ylabel="true reward of policy samples",
-        title="Online vs offline DPO (mean ± 95% CI)",
+        "Online vs offline DPO (mean ± 95% CI)",
     )
     online = groups.get("online DPO", [])
     budget = ""
