@@ -1,8 +1,10 @@
 """Per-sequence log-probs of completion tokens, the one quantity every loss is built from.
 
 Inputs are right-padded rows ``input_ids (N, T)`` with ``attention_mask (N, T)`` and
-``completion_mask (N, T)`` (1 on completion tokens, 0 on prompt and padding). Token t's log-prob
-comes from the logits at position t−1, so only positions followed by a completion token matter.
+``completion_mask (N, T)`` (1 on completion tokens, 0 on prompt and padding), or N sequences
+packed into one row (``dpo_lab.packing``: ``position_ids`` restarting per sequence and
+``cu_seq_lens``, no attention mask). Token t's log-prob comes from the logits at position t−1, so
+only positions followed by a completion token matter.
 
 The lean path runs the decoder once, gathers the hidden states at those positions only (M of
 them, M ≪ N·T when prompts are long), and applies the LM head to them in chunks, so no
@@ -137,9 +139,11 @@ class _LinearLogProbs(torch.autograd.Function):
 def completion_logps(
     model: nn.Module,
     input_ids: Tensor,
-    attention_mask: Tensor,
+    attention_mask: Tensor | None,
     completion_mask: Tensor,
     *,
+    position_ids: Tensor | None = None,
+    cu_seq_lens: Tensor | None = None,
     chunk_size: int = 1024,
     lean: bool = True,
     recompute: bool = True,
@@ -148,9 +152,11 @@ def completion_logps(
 
     Args:
         model: a causal LM (transformers ``*ForCausalLM`` or compatible).
-        input_ids: (N, T) right-padded token ids.
-        attention_mask: (N, T) 1 on real tokens.
-        completion_mask: (N, T) 1 on completion tokens (never on the first position).
+        input_ids: (N, T) right-padded token ids, or (1, L) packed.
+        attention_mask: (N, T) 1 on real tokens; None for a packed row.
+        completion_mask: (N, T) 1 on completion tokens (never on a sequence's first position).
+        position_ids: (1, L) a packed row's positions, restarting at 0 per sequence.
+        cu_seq_lens: (N+1,) a packed row's sequence boundaries (int32).
         chunk_size: completion positions per LM-head chunk on the lean path.
         lean: use the lean path where the model allows it (``False`` forces the naive path).
         recompute: on the lean path, recompute each chunk's logits in backward instead of keeping
@@ -162,34 +168,89 @@ def completion_logps(
     """
     targets = input_ids[:, 1:]  # (N, T-1)
     mask = completion_mask[:, 1:].bool()  # (N, T-1) position t predicts token t+1
+    # use_cache=False everywhere: with a cache, transformers does not look for packed sequences
+    inputs: dict[str, Any] = dict(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    )
+    if cu_seq_lens is not None:
+        inputs |= _packed_inputs(position_ids, cu_seq_lens)
     parts = _lean_parts(model) if lean else None
     if parts is not None:
         decoder, head = parts
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state  # (N, T, H)
+        hidden = decoder(**inputs).last_hidden_state  # (N, T, H)
         h, y = hidden[:, :-1][mask], targets[mask]  # (M, H), (M,)
         if recompute and torch.is_grad_enabled() and not _partitioned(head):
             token_logps = _LinearLogProbs.apply(h, head.weight, head.bias, y, chunk_size)
         else:
             token_logps = _gather_logps(head, h, y, chunk_size)  # (M,)
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(**inputs).logits
         logprobs = logits[:, :-1].float().log_softmax(-1)  # (N, T-1, V)
         token_logps = logprobs.gather(-1, targets[..., None]).squeeze(-1)[mask]  # (M,)
-    rows = mask.nonzero(as_tuple=True)[0]  # (M,) row of each completion token
-    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    logps = logps.index_add(0, rows, token_logps)
-    return logps, mask.sum(-1)
+    if cu_seq_lens is None:
+        rows = mask.nonzero(as_tuple=True)[0]  # (M,) row of each completion token
+        n, tokens = input_ids.shape[0], mask.sum(-1)
+    else:  # the sequence of each completion token
+        rows = _sequence_of_position(cu_seq_lens, input_ids.shape[1])[1:][mask[0]]
+        n = cu_seq_lens.shape[0] - 1
+        tokens = torch.zeros(n, dtype=torch.long, device=input_ids.device)
+        tokens = tokens.index_add(0, rows, torch.ones_like(rows))
+    logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
+    return logps.index_add(0, rows, token_logps), tokens
+
+
+def _sequence_of_position(cu_seq_lens: Tensor, length: int) -> Tensor:
+    """(L,) the sequence each position of a packed row belongs to (no host sync)."""
+    n = cu_seq_lens.shape[0] - 1
+    seq = torch.arange(n, device=cu_seq_lens.device)
+    return torch.repeat_interleave(seq, cu_seq_lens.diff(), output_size=length)
+
+
+def _packed_inputs(position_ids: Tensor, cu_seq_lens: Tensor) -> dict[str, Any]:
+    """Forward arguments of a packed row: positions for the mask builders (eager, flex) and the
+    boundaries for the variable-length kernels (flash attention, ``SDPA_VARLEN``), read to the
+    host once here rather than once per layer."""
+    bounds = cu_seq_lens.tolist()
+    cu_seq_lens.bounds = bounds  # dpo_lab.packing._segments
+    longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)), default=0)
+    return dict(
+        position_ids=position_ids,
+        cu_seq_lens_q=cu_seq_lens,
+        cu_seq_lens_k=cu_seq_lens,
+        max_length_q=longest,
+        max_length_k=longest,
+    )
+
+
+def completion_tokens(batch: dict[str, Any], prefix: str = "") -> Tensor:
+    """(N,) completion tokens of each sequence of a padded or packed batch, as
+    ``completion_logps`` counts them (without running a model)."""
+    mask = batch[f"{prefix}completion_mask"][:, 1:].bool()
+    cu = batch.get(f"{prefix}cu_seq_lens")
+    if cu is None:
+        return mask.sum(-1)
+    rows = _sequence_of_position(cu, mask.shape[1] + 1)[1:][mask[0]]
+    return torch.zeros(cu.shape[0] - 1, dtype=torch.long, device=mask.device).index_add(
+        0, rows, torch.ones_like(rows)
+    )
+
+
+def _inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``completion_logps``'s tensor arguments from a collated batch (padded or packed)."""
+    return {
+        "input_ids": batch[f"{prefix}input_ids"],
+        "attention_mask": batch.get(f"{prefix}attention_mask"),
+        "completion_mask": batch[f"{prefix}completion_mask"],
+        "position_ids": batch.get(f"{prefix}position_ids"),
+        "cu_seq_lens": batch.get(f"{prefix}cu_seq_lens"),
+    }
 
 
 def paired_logps(model: nn.Module, batch: dict[str, Any], **kwargs: Any) -> PairedLogps:
     """Chosen and rejected log-probs from one forward over the concatenated (2B, T) block of a
     ``PreferenceCollator`` batch: rows [0, B) are chosen, [B, 2B) rejected. ``kwargs`` go to
     ``completion_logps``."""
-    logps, tokens = completion_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kwargs
-    )
+    logps, tokens = completion_logps(model, **_inputs(batch), **kwargs)
     B = logps.shape[0] // 2
     return PairedLogps(logps[:B], logps[B:], tokens[:B], tokens[B:])
 
@@ -197,15 +258,7 @@ def paired_logps(model: nn.Module, batch: dict[str, Any], **kwargs: Any) -> Pair
 def unpaired_logps(model: nn.Module, batch: dict[str, Any], **kwargs: Any) -> UnpairedLogps:
     """Log-probs of an ``UnpairedCollator`` batch: each example's completion (with grad where grad
     is enabled) and the mismatched KL rows (never with grad: KTO's z₀ is detached)."""
-    logps, tokens = completion_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **kwargs
-    )
+    logps, tokens = completion_logps(model, **_inputs(batch), **kwargs)
     with torch.no_grad():
-        kl, _ = completion_logps(
-            model,
-            batch["kl_input_ids"],
-            batch["kl_attention_mask"],
-            batch["kl_completion_mask"],
-            **kwargs,
-        )
+        kl, _ = completion_logps(model, **_inputs(batch, "kl_"), **kwargs)
     return UnpairedLogps(logps, tokens, batch["desirable"], kl)

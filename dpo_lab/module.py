@@ -217,7 +217,12 @@ def _kl_rows_of_every_process(policy: UnpairedLogps, reference: UnpairedLogps | 
 
 def _tokens(batch: dict[str, Any]) -> Tensor:
     """Non-padding tokens the policy's forward processes for ``batch`` (no device sync)."""
-    tokens = batch["attention_mask"].sum()
-    if "kl_attention_mask" in batch:  # KTO's mismatched rows are a second forward
-        tokens = tokens + batch["kl_attention_mask"].sum()
+
+    def real(prefix: str) -> Any:  # a packed row has no padding
+        mask = batch.get(f"{prefix}attention_mask")
+        return batch[f"{prefix}input_ids"].numel() if mask is None else mask.sum()
+
+    tokens = real("")
+    if "kl_input_ids" in batch:  # KTO's mismatched rows are a second forward
+        tokens = tokens + real("kl_")
     return tokens

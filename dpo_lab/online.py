@@ -119,7 +119,8 @@ def form_pairs(scores: Sequence[float], k: int, pairing: str) -> list[tuple[int,
 
 
 class OnlinePairs:
-    """Makes each step's training pairs from the current policy (see the module docstring)."""
+    """Makes each step's training pairs from the current policy (see the module docstring).
+    ``padding_free``: the pairs are packed into one row (``dataset.padding_free``)."""
 
     def __init__(
         self,
@@ -132,6 +133,7 @@ class OnlinePairs:
         temperature: float = 1.0,
         top_p: float = 1.0,
         max_new_tokens: int = 64,
+        padding_free: bool = False,
     ):
         if samples_per_prompt < 2:
             raise ConfigError(f"algo.samples_per_prompt must be >= 2, got {samples_per_prompt}")
@@ -140,7 +142,7 @@ class OnlinePairs:
         self.judge, self.tokenizer, self.prompts = as_judge(judge), tokenizer, list(prompts)
         self.k, self.pairing = samples_per_prompt, pairs
         self.gen = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        self.collate = PreferenceCollator(tokenizer.pad_token_id)
+        self.collate = PreferenceCollator(tokenizer.pad_token_id, padding_free)
         self.pairs_total = 0  # pairs trained on so far (checkpointed)
         self._last_call: float | None = None  # when the previous step's generation started
         self._last_gen_seconds = 0.0

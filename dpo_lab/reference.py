@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpo_lab.logps import paired_logps, unpaired_logps
+from dpo_lab.logps import completion_tokens, paired_logps, unpaired_logps
 from dpo_lab.losses import PairedLogps, UnpairedLogps
 
 SPLITS = ("train", "val")
@@ -107,7 +107,7 @@ class CachedReference:
         rejected = self.tables[f"{split}_rejected"][idx]
         if torch.isnan(chosen).any() or torch.isnan(rejected).any():
             raise KeyError(f"{split} rows {idx.tolist()} are not in the reference cache")
-        tokens = batch["completion_mask"][:, 1:].sum(-1)
+        tokens = completion_tokens(batch)
         B = len(idx)
         device = batch["input_ids"].device
         return PairedLogps(chosen.to(device), rejected.to(device), tokens[:B], tokens[B:])

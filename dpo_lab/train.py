@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from dpo_lab import packing
 from dpo_lab.callbacks import DisplacementProbe
 from dpo_lab.data.datamodule import PreferenceDataModule
 from dpo_lab.data.formats import prepare
@@ -253,6 +254,10 @@ def build(cfg: DictConfig) -> Run:
         source,
         needs_reference=spec.reference,
     )
+    if cfg.dataset.padding_free:  # refused here, before any data, where packing is not exact
+        packing.prepare_model(policy, what="policy")
+        if reference_model is not None:
+            packing.prepare_model(reference_model, what="reference")
     if cfg.model.chat_template:
         tokenizer.chat_template = read_chat_template(cfg.model.chat_template)
     data, datamodule = build_data(cfg, tokenizer, unpaired=spec.data == "unpaired")
@@ -339,6 +344,7 @@ def build_data(
         num_workers=cfg.dataset.num_workers,
         unpaired=unpaired,
         group_by_length=cfg.dataset.group_by_length,
+        padding_free=cfg.dataset.padding_free,
         cache=cfg.dataset.cache_tokenized,
     )
     return data, datamodule
@@ -455,6 +461,7 @@ def _online(cfg: DictConfig, data: PreferenceData, tokenizer: Any) -> OnlinePair
         temperature=cfg.algo.temperature,
         top_p=cfg.algo.top_p,
         max_new_tokens=cfg.algo.max_new_tokens,
+        padding_free=cfg.dataset.padding_free,
     )
 
 

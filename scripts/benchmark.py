@@ -25,8 +25,14 @@ what it measured.
 
 ``--lengths hh`` draws each pair's lengths to match real preference data (Anthropic hh-rlhf
 harmless-base with the Llama-2 tokenizer: a sequence's median 132 tokens, min 21, max 437 under
-a 512 cap; a completion's median 27), where padding matters; tokens/s then counts the mean real
-tokens a step. On CUDA the table adds MFU = k·N·tokens/s ÷ 989 TFLOP/s (H100 dense bf16), with
+a 512 cap; a completion's median 27), where padding matters. Batches then differ, so each tool
+trains two epochs over ``--batch × --steps`` pairs and only the second is timed: every tool and
+layout is timed on exactly the same pairs, and tokens/s is their real (non-padding) tokens ÷ the
+epoch's summed step times. ``--layouts`` adds dpo_lab rows for the same mode: ``padded`` (the
+default), ``grouped`` (``dataset.group_by_length``) and ``packed`` (``dataset.padding_free``);
+TRL pads (its ``padding_free`` is switched off in TRL 1.16).
+
+On CUDA the table adds MFU = k·N·tokens/s ÷ 989 TFLOP/s (H100 dense bf16), with
 N the parameters of every matmul (the decoder's and the LM head's; not the input embedding, a
 lookup; attention's own score FLOPs are left out, so MFU is a slight underestimate) and k = 8
 with a live reference (policy forward and
@@ -53,6 +59,7 @@ import time
 from pathlib import Path
 
 MODES = ("live", "precomputed", "simpo", "lora")
+LAYOUTS = ("padded", "grouped", "packed")
 TOOLS = ("dpo_lab", "trl", "trl_liger")
 PEAK_FLOPS = 989e12  # H100 SXM, dense bf16
 MFU_FACTOR = {"live": 8, "precomputed": 6, "simpo": 6, "lora": 6}
@@ -97,7 +104,7 @@ def make_assets(args: argparse.Namespace, root: Path) -> None:
     tokenizer.save_pretrained(root / "model")
     rng = random.Random(0)
     words = lambda n: " ".join(f"w{rng.randrange(args.vocab - 3)}" for _ in range(n))  # noqa: E731
-    n_rows = args.batch * (args.warmup + args.steps + 2)
+    n_rows = args.batch * (args.steps if args.lengths == "hh" else args.warmup + args.steps + 2)
     lengths = []
     with open(root / "pairs.jsonl", "w") as f:
         for _ in range(n_rows):  # completions start with a space: TRL joins prompt + completion
@@ -109,11 +116,18 @@ def make_assets(args: argparse.Namespace, root: Path) -> None:
     stats = {
         "non_embedding_params": non_embedding,
         "tokens_per_step": args.batch * sum(lengths) / (len(lengths) / 2),
+        "tokens_total": sum(lengths),
         "sequence_median": lengths[len(lengths) // 2],
         "sequence_min": lengths[0],
         "sequence_max": lengths[-1],
     }
     (root / "assets.json").write_text(json.dumps(stats))
+
+
+def total_steps(args: argparse.Namespace) -> int:
+    """Optimizer steps a child runs: warm-up and timed steps, or with variable lengths two
+    epochs of ``--steps`` (the first is the warm-up)."""
+    return 2 * args.steps if args.lengths == "hh" else args.warmup + args.steps
 
 
 def max_length(args: argparse.Namespace) -> int:
@@ -154,7 +168,9 @@ class _Timer:
         self.times.append(time.perf_counter() - self.t0)
 
 
-def child_dpo_lab(args: argparse.Namespace, mode: str, root: Path) -> list[float]:
+def child_dpo_lab(
+    args: argparse.Namespace, mode: str, root: Path, layout: str = "padded"
+) -> list[float]:
     import lightning as L
     from hydra import compose, initialize_config_module
 
@@ -170,7 +186,7 @@ def child_dpo_lab(args: argparse.Namespace, mode: str, root: Path) -> list[float
             timer.stop()
 
     overrides = [
-        f"output_dir={root / f'run_{mode}'}",
+        f"output_dir={root / f'run_{mode}_{layout}'}",
         "dataset=local",
         f"dataset.path={root / 'pairs.jsonl'}",
         f"dataset.val_path={root / 'pairs.jsonl'}",
@@ -183,7 +199,9 @@ def child_dpo_lab(args: argparse.Namespace, mode: str, root: Path) -> list[float
         f"loss={'simpo' if mode == 'simpo' else 'dpo'}",
         f"reference.precompute={mode == 'precomputed'}",
         f"logps.recompute={not args.no_recompute}",
-        f"trainer.max_steps={args.warmup + args.steps}",
+        f"trainer.max_steps={total_steps(args)}",
+        f"dataset.group_by_length={layout == 'grouped'}",
+        f"dataset.padding_free={layout == 'packed'}",
         "+trainer.limit_val_batches=0",
         "trainer.enable_checkpointing=false",
         "trainer.enable_progress_bar=false",
@@ -229,7 +247,7 @@ def child_trl(args: argparse.Namespace, mode: str, root: Path, liger: bool = Fal
     common = dict(
         output_dir=str(root / f"trl_{mode}"),
         per_device_train_batch_size=args.batch,
-        max_steps=args.warmup + args.steps,
+        max_steps=total_steps(args),
         learning_rate=5e-4,
         logging_steps=10_000,
         report_to="none",
@@ -285,22 +303,30 @@ def run_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     root = Path(args.root)
     if args.child == "dpo_lab":
-        times = child_dpo_lab(args, args.mode, root)
+        times = child_dpo_lab(args, args.mode, root, args.layout)
     else:
         times = child_trl(args, args.mode, root, liger=args.child == "trl_liger")
-    timed = times[args.warmup :]
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB → MiB
-    tokens = json.loads((root / "assets.json").read_text())["tokens_per_step"]
-    med = statistics.median(timed)
+    assets = json.loads((root / "assets.json").read_text())
+    if args.lengths == "hh":  # the second epoch: every pair once, the same pairs for every tool
+        timed = times[args.steps :]
+        step = sum(timed) / len(timed)
+        tokens_per_s = assets["tokens_total"] / sum(timed)
+    else:
+        timed = times[args.warmup :]
+        step = statistics.median(timed)
+        tokens_per_s = assets["tokens_per_step"] / step
+    if len(times) != total_steps(args):
+        raise SystemExit(f"timed {len(times)} steps, expected {total_steps(args)}")
     print(
         "RESULT "
         + json.dumps(
             {
-                "tokens_per_s": tokens / med,
-                "step_s": med,
+                "tokens_per_s": tokens_per_s,
+                "step_s": step,
                 "steps_timed": len(timed),
                 "peak_mib": peak,
             }
@@ -343,12 +369,24 @@ def main() -> None:
         "--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of {', '.join(MODES)}"
     )
     ap.add_argument("--tools", default="dpo_lab,trl")
+    ap.add_argument(
+        "--layouts",
+        default=None,
+        help=f"dpo_lab batch layouts, of {', '.join(LAYOUTS)} (default: padded; with --lengths "
+        "hh all three)",
+    )
     ap.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--layout", choices=LAYOUTS, default="padded", help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return run_child(args)
+    layouts = args.layouts or ("padded,grouped,packed" if args.lengths == "hh" else "padded")
+    args.layouts = layouts.split(",")
+    for layout in args.layouts:
+        if layout not in LAYOUTS:
+            sys.exit(f"--layouts: {layout!r} is not one of {', '.join(LAYOUTS)}")
 
     root = Path(tempfile.mkdtemp(prefix="dpo_lab_bench_"))
     make_assets(args, root)
@@ -375,45 +413,40 @@ def main() -> None:
         for k in shared
         if getattr(args, k) is not None
     ] + (["--tie"] if args.tie else [])
-    results: dict[tuple[str, str], dict] = {}
+    results: dict[tuple[str, str, str], dict] = {}
     env = {
         **os.environ,
         "DPO_LAB_CACHE": str(root / "cache"),
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": str(args.threads),
     }
-    for mode in args.modes.split(","):
-        for tool in args.tools.split(","):
-            if tool not in TOOLS:
-                sys.exit(f"--tools: {tool!r} is not one of {', '.join(TOOLS)}")
-            cmd = [
-                sys.executable,
-                __file__,
-                *passthrough,
-                "--child",
-                tool,
-                "--mode",
-                mode,
-                "--root",
-                str(root),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-                print(f"[{tool} {mode}] failed:\n  " + "\n  ".join(tail), file=sys.stderr)
-                continue
-            results[(tool, mode)] = json.loads(line[0][7:])
-            r = results[(tool, mode)]
-            if args.results:  # kept even if this script is stopped before its table
-                with open(args.results, "a") as f:
-                    f.write(json.dumps({"tool": tool, "mode": mode, **r}) + "\n")
-            print(
-                f"[{tool:7} {mode:11}] {r['tokens_per_s']:8.0f} tokens/s  "
-                f"{r['peak_mib']:7.0f} MiB peak",
-                file=sys.stderr,
-                flush=True,
-            )
+    children = [
+        (tool, mode, layout)
+        for mode in args.modes.split(",")
+        for tool in args.tools.split(",")
+        for layout in (args.layouts if tool == "dpo_lab" else ["padded"])
+    ]
+    for tool, mode, layout in children:
+        if tool not in TOOLS:
+            sys.exit(f"--tools: {tool!r} is not one of {', '.join(TOOLS)}")
+        cmd = [sys.executable, __file__, *passthrough, "--child", tool, "--mode", mode,
+               "--layout", layout, "--root", str(root)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            print(f"[{tool} {mode} {layout}] failed:\n  " + "\n  ".join(tail), file=sys.stderr)
+            continue
+        r = results[(tool, mode, layout)] = json.loads(line[0][7:])
+        if args.results:  # kept even if this script is stopped before its table
+            with open(args.results, "a") as f:
+                f.write(json.dumps({"tool": tool, "mode": mode, "layout": layout, **r}) + "\n")
+        print(
+            f"[{tool:7} {mode:11} {layout:6}] {r['tokens_per_s']:8.0f} tokens/s  "
+            f"{r['peak_mib']:7.0f} MiB peak",
+            file=sys.stderr,
+            flush=True,
+        )
 
     mem = "peak CUDA alloc" if args.device == "cuda" else "peak RSS"
     assets = json.loads((root / "assets.json").read_text())
@@ -424,17 +457,21 @@ def main() -> None:
         f"{assets['sequence_median']}, min {assets['sequence_min']}, max "
         f"{assets['sequence_max']}; {assets['tokens_per_step']:.0f} real tokens a step)"
     )
+    timing = (
+        f"the second of two epochs of {args.steps} steps timed (every tool on the same pairs)"
+        if args.lengths == "hh"
+        else f"median of {args.steps} steps after {args.warmup} warm-up"
+    )
     print(
         f"\nmodel: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
         f"{args.heads} heads ({args.kv_heads or args.heads} KV), intermediate "
         f"{args.intermediate or 4 * args.hidden}; N = {assets['non_embedding_params'] / 1e6:.1f}M "
         f"parameters in matmuls (decoder and LM head); {shape}; {args.device} {args.dtype}, "
-        f"{args.threads} threads; median of {args.steps} steps after {args.warmup} warm-up; "
-        f"dpo_lab logps.recompute={not args.no_recompute}"
+        f"{args.threads} threads; {timing}; dpo_lab logps.recompute={not args.no_recompute}"
     )
     print(format_table(args, results, mem, assets["non_embedding_params"]))
-    live = results.get(("dpo_lab", "live"))
-    pre = results.get(("dpo_lab", "precomputed"))
+    live = results.get(("dpo_lab", "live", "padded"))
+    pre = results.get(("dpo_lab", "precomputed", "padded"))
     if live and pre:
         print(
             f"\ndpo_lab precomputed ÷ dpo_lab live: "
@@ -443,14 +480,16 @@ def main() -> None:
 
 
 def format_table(args: argparse.Namespace, results: dict, mem: str, n_params: int) -> str:
-    """One row per mode: dpo_lab against TRL (and TRL with Liger, where it ran), speed and memory
-    ratios, and on CUDA each tool's MFU."""
+    """One row per mode and dpo_lab layout: dpo_lab against TRL (and TRL with Liger, where it
+    ran), speed and memory ratios, with several layouts each layout against dpo_lab padded, and
+    on CUDA each tool's MFU."""
     peers = [t for t in ("trl", "trl_liger") if t in args.tools.split(",")]
     # TRL 1.16's use_liger_kernel applies Liger's layer kernels only (TRL keeps its own chunked
     # LM head and forces Liger's fused cross-entropy off)
     names = {"trl": "TRL", "trl_liger": "TRL+Liger layers"}
     cuda = args.device == "cuda"
-    head = ["mode", "dpo_lab tokens/s"]
+    several = len(args.layouts) > 1
+    head = ["mode", "dpo_lab tokens/s"] + (["speed ÷ padded", "memory ÷ padded"] if several else [])
     for t in peers:
         head += [f"{names[t]} tokens/s", f"speed ÷ {names[t]}"]
     head += [f"dpo_lab {mem} MiB"]
@@ -460,21 +499,25 @@ def format_table(args: argparse.Namespace, results: dict, mem: str, n_params: in
         head += [f"MFU {n}" for n in ["dpo_lab", *(names[t] for t in peers)]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda r, k: f"{r[k]:.0f}" if r else "—"  # noqa: E731
-    for mode in args.modes.split(","):
-        a = results.get(("dpo_lab", mode))
-        row = [mode, fmt(a, "tokens_per_s")]
+    for mode, layout in [(m, lay) for m in args.modes.split(",") for lay in args.layouts]:
+        a = results.get(("dpo_lab", mode, layout))
+        row = [mode if layout == "padded" else f"{mode}, {layout}", fmt(a, "tokens_per_s")]
+        if several:
+            p = results.get(("dpo_lab", mode, "padded"))
+            for k in ("tokens_per_s", "peak_mib"):
+                row += [f"{a[k] / p[k]:.2f}×" if a and p else "—"]
         for t in peers:
-            b = results.get((t, mode))
+            b = results.get((t, mode, "padded"))
             ratio = f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}×" if a and b else "—"
             row += [fmt(b, "tokens_per_s"), ratio]
         row += [fmt(a, "peak_mib")]
         for t in peers:
-            b = results.get((t, mode))
+            b = results.get((t, mode, "padded"))
             ratio = f"{a['peak_mib'] / b['peak_mib']:.2f}×" if a and b else "—"
             row += [fmt(b, "peak_mib"), ratio]
         if cuda:
             for t in ["dpo_lab", *peers]:
-                r = results.get((t, mode))
+                r = results.get((t, mode, layout if t == "dpo_lab" else "padded"))
                 mfu = MFU_FACTOR[mode] * n_params * r["tokens_per_s"] / PEAK_FLOPS if r else None
                 row += [f"{100 * mfu:.1f}%" if r else "—"]
         lines.append("| " + " | ".join(row) + " |")

@@ -39,11 +39,16 @@ LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0", "mo
 
 
 def two_processes_against_one(
-    tmp_path: Path, strategy: list[str], extra: list[str], env: dict | None = None
+    tmp_path: Path,
+    strategy: list[str],
+    extra: list[str],
+    env: dict | None = None,
+    two_only: tuple[str, ...] = (),
 ) -> tuple[Path, Path, dict, dict]:
-    """One process with batch 16 against two with batch 8 under ``strategy``: the same examples
-    each step, so the same losses and final weights, and validation, split unevenly (47 pairs:
-    24 and 23), reduced to the same per-example means (not a mean of the two ranks' means)."""
+    """One process with batch 16 against two with batch 8 under ``strategy`` (and ``two_only``):
+    the same examples each step, so the same losses and final weights, and validation, split
+    unevenly (47 pairs: 24 and 23), reduced to the same per-example means (not a mean of the two
+    ranks' means)."""
     common = [
         "dataset.source.n_val=47",
         "trainer.max_epochs=1",  # 96 pairs / 16 a step = 6 steps, then validation
@@ -54,7 +59,8 @@ def two_processes_against_one(
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     cli(*common, "dataset.batch_size=16", f"hydra.run.dir={one}", cwd=tmp_path)
-    cli(*common, *strategy, "dataset.batch_size=8", f"hydra.run.dir={two}", cwd=tmp_path, env=env)
+    cli(*common, *strategy, *two_only, "dataset.batch_size=8", f"hydra.run.dir={two}",
+        cwd=tmp_path, env=env)  # fmt: skip
     s1 = json.loads((one / "summary.json").read_text())
     s2 = json.loads((two / "summary.json").read_text())
     assert s1["steps"] == s2["steps"] == 6
@@ -72,9 +78,15 @@ def two_processes_against_one(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
-def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path, extra):
-    one, two, s1, s2 = two_processes_against_one(tmp_path, DDP_CPU, extra)
+@pytest.mark.parametrize(
+    "extra, two_only",
+    [([], ("dataset.padding_free=true",)), (LORA, ())],
+    ids=["full-two-packed", "lora"],
+)
+def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path, extra, two_only):
+    """The full-model arm also packs the two processes' batches (``dataset.padding_free``) and
+    not the one process's: DDP and padding-free together change nothing but float sums."""
+    one, two, s1, s2 = two_processes_against_one(tmp_path, DDP_CPU, extra, two_only=two_only)
     assert s1["global_batch_size"] == s2["global_batch_size"] == 16
     assert not (two / "final_rank1").exists() and "eval/kl" in s2  # one report, from rank 0
 

@@ -363,7 +363,7 @@ def test_dropout_is_off_by_default_and_the_reference_never_runs_it(tmp_path, dis
             f"model.disable_dropout={str(disable).lower()}",
         )
     )
-    module, batch = run.module, run.datamodule.probe_batch()
+    module, batch = run.module, run.datamodule.probe_batches()[0]
     module.on_fit_start()  # train mode, as at the start of fit
     assert module.policy.training and not module.reference.model.training
     with torch.no_grad():

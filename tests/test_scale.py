@@ -23,7 +23,7 @@ def fit(cfg):
 
 
 def probe_logps(run, model):
-    batch = run.datamodule.probe_batch()
+    batch = run.datamodule.probe_batches()[0]
     with torch.no_grad():
         return paired_logps(model.eval(), batch)
 

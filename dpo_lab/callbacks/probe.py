@@ -8,12 +8,16 @@ ranks the truly better completion higher (``probe/true_accuracies``, clean of la
 Per-example values go to ``probe.csv`` in the run dir (one row per example and
 probe step), so displacement can be studied per example and per length; ``probe.png`` plots the
 mean trajectories at the end of training.
+
+Its cost is logged with it: ``probe/seconds`` (this scoring) and ``probe/time_share`` (every
+scoring so far, the reference's included, over the wall time since training started).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +45,11 @@ PROBE_COLUMNS = (
 class DisplacementProbe(L.Callback):
     """Scores the datamodule's probe pairs under the policy every ``every_n_steps`` steps.
 
-    The probe set is the datamodule's (``probe_batch()``: the first ``probe.size`` held-out pairs);
-    unpaired data has none, and the probe is then off. The reference level is the run's reference
-    (live or precomputed), or, for reference-free losses (no reference is loaded), the policy's
-    own log-probs before its first update, which is the same model. Both are scored in eval mode
+    The probe set is the datamodule's (``probe_batches()``: the first ``probe.size`` held-out
+    pairs, in batches of ``dataset.eval_batch_size``, packed when the run is); unpaired data has
+    none, and the probe is then off. The reference level is the run's reference (live or
+    precomputed), or, for reference-free losses (no reference is loaded), the policy's own
+    log-probs before its first update, which is the same model. Both are scored in eval mode
     under the run's precision context, as the training step scores them.
 
     Args:
@@ -60,49 +65,58 @@ class DisplacementProbe(L.Callback):
         self.every = every_n_steps
         self.csv_path = Path(out_dir) / "probe.csv"
         self.png_path = Path(out_dir) / "probe.png"
-        self.batch: dict[str, torch.Tensor] | None = None
+        self.batches: list[dict[str, torch.Tensor]] | None = None
         self.ids: list[str] = []
         self.reference: PairedLogps | None = None
         self.last_step = -1
         self.last_metrics: dict[str, float] = {}
+        self.seconds = 0.0  # every scoring so far (this process's wall time)
+        self._started: float | None = None
         # r(chosen) − r(rejected) under the task's ground-truth reward, when it has one
         self.true_margins: torch.Tensor | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         dm = trainer.datamodule
-        if stage != "fit" or self.batch is not None:
+        if stage != "fit" or self.batches is not None:
             return
         if not getattr(dm, "probe_items", None):
             log.warning("unpaired data has no pairs: the displacement probe is off for this run")
             return
-        self.batch = dm.probe_batch()
+        self.batches = dm.probe_batches()
         self.ids = [it["id"] for it in dm.probe_items]
         self.true_margins = dm.probe_true_margins()
 
     @torch.no_grad()
     def _score(self, trainer: L.Trainer, pl_module: Any, model: Any) -> PairedLogps:
         """Under ``model`` (the policy) or, with ``model=None``, the run's reference."""
-        batch = {
-            k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in self.batch.items()
-        }
+        t0 = time.perf_counter()
+        parts = []
+        was_training = model is not None and model.training
+        if model is not None:
+            model.eval()
         # under FSDP every process gathers the root unit's weights (embeddings, norm, head)
         with full_root_params(trainer), trainer.precision_plugin.forward_context():
-            if model is None:
-                out = pl_module.reference.paired(batch, "val")
-            else:
-                was_training = model.training
-                model.eval()
-                out = paired_logps(model, batch, **pl_module.logps_kwargs)
-                model.train(was_training)
-        return PairedLogps(
-            *(t.cpu() for t in (out.chosen, out.rejected, out.chosen_tokens, out.rejected_tokens))
-        )
+            for batch in self.batches:
+                batch = {
+                    k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()
+                }
+                if model is None:
+                    out = pl_module.reference.paired(batch, "val")
+                else:
+                    out = paired_logps(model, batch, **pl_module.logps_kwargs)
+                columns = (out.chosen, out.rejected, out.chosen_tokens, out.rejected_tokens)
+                parts.append([t.cpu() for t in columns])
+        if model is not None:
+            model.train(was_training)
+        self.seconds += time.perf_counter() - t0
+        return PairedLogps(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
     def _record(self, trainer: L.Trainer, pl_module: Any) -> None:
         step = trainer.global_step
-        if step == self.last_step or self.batch is None:
+        if step == self.last_step or self.batches is None:
             return
         self.last_step = step
+        before = self.seconds
         pol, ref = self._score(trainer, pl_module, pl_module.policy), self.reference
         metrics = {
             "probe/logps/chosen": pol.chosen.mean().item(),
@@ -123,6 +137,9 @@ class DisplacementProbe(L.Callback):
             implicit = (pol.chosen - ref.chosen) - (pol.rejected - ref.rejected)
             agree = (implicit > 0) == (self.true_margins > 0)
             metrics["probe/true_accuracies"] = agree[known].float().mean().item()
+        metrics["probe/seconds"] = self.seconds - before
+        wall = time.perf_counter() - self._started if self._started is not None else 0.0
+        metrics["probe/time_share"] = self.seconds / wall if wall > 0 else 0.0
         self.last_metrics = metrics
         if not trainer.is_global_zero:  # one table and one log per run, not one per process
             return
@@ -162,8 +179,9 @@ class DisplacementProbe(L.Callback):
         self._resumed = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if self.batch is None:
+        if self.batches is None:
             return
+        self._started, self.seconds = time.perf_counter(), 0.0
         if self.reference is None:  # the starting model, also for a reference-free loss
             model = None if pl_module.reference is not None else pl_module.policy
             self.reference = self._score(trainer, pl_module, model)
@@ -185,7 +203,7 @@ class DisplacementProbe(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._record(trainer, pl_module)  # the final policy, whatever N divides
-        if trainer.is_global_zero and self.batch is not None:
+        if trainer.is_global_zero and self.batches is not None:
             from dpo_lab.plots import plot_probe
 
             plot_probe(self.csv_path, self.png_path)

@@ -154,22 +154,34 @@ def pad_sequences(
     }
 
 
+def batch_sequences(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, padding_free: bool
+) -> dict[str, Tensor]:
+    """``pad_sequences`` (N, T) rows, or with ``padding_free`` one packed row
+    (``dpo_lab.packing.pack``); ``completion_logps`` takes either."""
+    if padding_free:
+        from dpo_lab.packing import pack
+
+        return pack(list(examples))
+    return pad_sequences(examples, pad_id)
+
+
 class PreferenceCollator:
-    """Batches tokenized pairs into one concatenated (2B, T) block: chosen rows, then rejected.
+    """Batches tokenized pairs into one concatenated block of 2B sequences: chosen, then rejected.
 
     Each item is a dict with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``index`` (its
     position in the split), and ``ref_chosen_logps``/``ref_rejected_logps`` when the reference
-    was precomputed. Chosen and rejected are padded to one length so the policy sees them in a
-    single forward.
+    was precomputed. Chosen and rejected are padded to one length (a (2B, T) block), or with
+    ``padding_free`` packed end to end into one row, so the policy sees them in a single forward.
     """
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, padding_free: bool = False):
+        self.pad_id, self.padding_free = pad_id, padding_free
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
         chosen = [(it["prompt_ids"], it["chosen_ids"]) for it in items]
         rejected = [(it["prompt_ids"], it["rejected_ids"]) for it in items]
-        batch = pad_sequences(chosen + rejected, self.pad_id)
+        batch = batch_sequences(chosen + rejected, self.pad_id, self.padding_free)
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         batch["ids"] = [it["id"] for it in items]  # example ids, for error messages
         if "ref_chosen_logps" in items[0]:  # precomputed reference log-probs (dpo_lab.refcache)
@@ -205,23 +217,26 @@ class UnpairedCollator:
     Each item has ``prompt_ids``, ``completion_ids``, ``desirable`` and ``index``. Row i of the
     KL block pairs prompt i with the completion of the next item with a different prompt
     (``mismatched``), so every KL row is a prompt/completion mismatch whenever the batch holds
-    two prompts (the loss rejects B < 2).
+    two prompts (the loss rejects B < 2). ``padding_free``: each block packed into one row.
     """
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, padding_free: bool = False):
+        self.pad_id, self.padding_free = pad_id, padding_free
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
-        batch = pad_sequences(
-            [(it["prompt_ids"], it["completion_ids"]) for it in items], self.pad_id
+        batch = batch_sequences(
+            [(it["prompt_ids"], it["completion_ids"]) for it in items],
+            self.pad_id,
+            self.padding_free,
         )
         partner = mismatched(items)
-        kl = pad_sequences(
+        kl = batch_sequences(
             [
                 (it["prompt_ids"], items[j]["completion_ids"])
                 for it, j in zip(items, partner, strict=True)
             ],
             self.pad_id,
+            self.padding_free,
         )
         batch.update({f"kl_{k}": v for k, v in kl.items()})
         batch["desirable"] = torch.tensor([bool(it["desirable"]) for it in items])

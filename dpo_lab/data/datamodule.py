@@ -349,6 +349,8 @@ class PreferenceDataModule(L.LightningDataModule):
         unpaired: serve single labelled completions (for unpaired losses such as KTO); paired
             data is split into a desirable and an undesirable example per pair.
         group_by_length: batch similar lengths together (``LengthGroupedSampler``).
+        padding_free: pack each batch's sequences into one row (``dpo_lab.packing``), the probe's
+            and validation's too.
         cache: keep tokenized data in the cache dir.
     """
 
@@ -366,6 +368,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         unpaired: bool = False,
         group_by_length: bool = False,
+        padding_free: bool = False,
         cache: bool = True,
     ):
         super().__init__()
@@ -380,8 +383,11 @@ class PreferenceDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
         self.unpaired, self.group_by_length = unpaired, group_by_length
-        self.collate = PreferenceCollator(tokenizer.pad_token_id)
-        self.loader_collate = UnpairedCollator(tokenizer.pad_token_id) if unpaired else self.collate
+        self.padding_free = padding_free
+        self.collate = PreferenceCollator(tokenizer.pad_token_id, padding_free)
+        self.loader_collate = (
+            UnpairedCollator(tokenizer.pad_token_id, padding_free) if unpaired else self.collate
+        )
         kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, cache=cache)
         self.train_items, counts_train, hit_train = tokenize_cached(data.train, tokenizer, **kw)
         self.val_items, counts_val, hit_val = tokenize_cached(data.val, tokenizer, **kw)
@@ -480,6 +486,8 @@ class PreferenceDataModule(L.LightningDataModule):
             return True
         return False
 
-    def probe_batch(self) -> dict[str, torch.Tensor]:
-        """The probe set as one paired batch (whatever the loss's data kind)."""
-        return self.collate(self.probe_items)
+    def probe_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The probe set as paired batches of ``eval_batch_size`` pairs (whatever the loss's data
+        kind), packed when the run is."""
+        n, items = self.eval_batch_size, self.probe_items
+        return [self.collate(items[s : s + n]) for s in range(0, len(items), n)]
