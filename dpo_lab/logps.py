@@ -173,6 +173,8 @@ def completion_logps(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     )
     if cu_seq_lens is not None:
+        if attention_mask is not None:
+            raise ValueError("a packed row has no attention mask (its sequences have no padding)")
         inputs |= _packed_inputs(position_ids, cu_seq_lens)
     parts = _lean_parts(model) if lean else None
     if parts is not None:
@@ -211,6 +213,11 @@ def _packed_inputs(position_ids: Tensor, cu_seq_lens: Tensor) -> dict[str, Any]:
     boundaries for the variable-length kernels (flash attention, ``SDPA_VARLEN``), read to the
     host once here rather than once per layer."""
     bounds = cu_seq_lens.tolist()
+    if position_ids is None or position_ids.shape[0] != 1 or bounds[-1] != position_ids.shape[1]:
+        raise ValueError(
+            f"a packed row needs position_ids (1, L) and boundaries ending at L; got "
+            f"{None if position_ids is None else tuple(position_ids.shape)} and {bounds[-3:]}"
+        )
     cu_seq_lens.bounds = bounds  # dpo_lab.packing._segments
     longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)), default=0)
     return dict(

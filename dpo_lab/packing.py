@@ -8,16 +8,18 @@ boundary. Who keeps the sequences apart, in transformers 5 (``masking_utils``):
 - ``eager``, ``flex_attention``: the causal mask builder finds the restarts in ``position_ids``
   (``find_packed_sequence_indices``, only when no KV cache is passed: every forward here passes
   ``use_cache=False``) and builds a block-diagonal mask. Correct, but eager materializes an
-  (L, L) mask, and sdpa with that mask computes every masked block: on CPU packing then saves
-  almost nothing (measured: 1.05× the padded step).
+  (L, L) mask and (heads, L, L) scores over the whole row; sdpa given that mask would compute
+  every masked block too.
 - ``flash_attention_2/3``: variable-length kernels fed ``cu_seq_lens_q/k`` (passed explicitly).
 - ``sdpa``: switched to ``SDPA_VARLEN`` (registered here), which runs sdpa on each packed
   sequence on its own with ``is_causal`` (and the model's sliding window where it has one), so no
   masked block is computed. Every input that is not a packed row (padded batches, generation)
   goes to transformers' own sdpa unchanged.
 
-Other model types are refused: packing is exact only where the model feeds ``position_ids`` to
-its positions and its mask builder, which the tests check type by type (``PACKED_MODEL_TYPES``).
+Other model types are refused, and so is a model of a listed type whose code is not
+transformers' own (``trust_remote_code``): packing is exact only where the model feeds
+``position_ids`` to its positions, its mask builder and its attention, which the tests check type
+by type (``PACKED_MODEL_TYPES``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ def _segments(cu: Tensor) -> list[int]:
     return list(bounds) if bounds is not None else cu.tolist()
 
 
+def _boundaries_from_positions(position_ids: Tensor | None) -> list[int] | None:
+    """A packed row's boundaries from its restarting positions (a forward given ``position_ids``
+    without ``cu_seq_lens``), or None if they do not restart: one row, one sequence."""
+    if position_ids is None or position_ids.shape[0] != 1:
+        return None
+    pos = position_ids[0]
+    starts = (pos[1:] != pos[:-1] + 1).nonzero().flatten().add(1).tolist()
+    return [0, *starts, pos.shape[0]] if starts else None
+
+
 def _sdpa_varlen(
     module: nn.Module,
     query: Tensor,
@@ -62,18 +74,24 @@ def _sdpa_varlen(
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """sdpa on each sequence of a packed (1, heads, L, d) row; anything else to transformers'
-    sdpa. Sequence s sees its own keys only, causally (and within the module's sliding window)."""
+    sdpa. Sequence s sees its own keys only, causally (and within the module's sliding window).
+    The boundaries come from ``cu_seq_lens_q`` (``completion_logps`` passes them), else from
+    restarting ``position_ids``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or attention_mask is not None or query.shape[0] != 1:
+    bounds = None
+    if attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]:
+        cu = kwargs.get("cu_seq_lens_q")
+        bounds = _segments(cu) if cu is not None else _boundaries_from_positions(
+            kwargs.get("position_ids")
+        )  # fmt: skip
+    if bounds is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    gqa = query.shape[1] != key.shape[1]
+    groups = query.shape[1] // key.shape[1]
     # the window as the model passes it to its attention (Mistral, Phi-3, Qwen's sliding layers)
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-    bounds = _segments(cu)
     sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     out = []
     # split, not slicing: split's backward is one concatenation, where each slice's backward
@@ -82,11 +100,14 @@ def _sdpa_varlen(
         n = q.shape[2]
         if n == 0:
             continue
-        mask, causal = None, True
+        mask, causal, gqa = None, True, groups > 1
         if window is not None and n > window:  # causal and q − kv < window (transformers')
             i = torch.arange(n, device=query.device)
             mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
             causal = False
+            if gqa:  # with a mask, enable_gqa leaves only the math kernel on CUDA
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+                gqa = False
         out.append(
             torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling,
@@ -96,14 +117,19 @@ def _sdpa_varlen(
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None  # (1, L, heads, d)
 
 
-def _varlen_mask(*args: Any, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
-    """No (L, L) mask for a packed row (``_sdpa_varlen`` keeps its sequences apart by their
-    boundaries); a padded batch's mask as sdpa's."""
+def _varlen_mask(*args: Any, **kwargs: Any) -> Any:
+    """No (L, L) mask for a packed row (transformers found restarting positions in a forward
+    without cache or padding mask, and so forbids the causal skip): ``_sdpa_varlen`` keeps its
+    sequences apart by their boundaries. Every other input gets sdpa's own mask (a padding mask,
+    a sliding window, or None where plain causal attention is exact)."""
     from transformers.masking_utils import sdpa_mask
 
-    if attention_mask is None:
-        return None
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    packed = (
+        kwargs.get("attention_mask") is None
+        and not kwargs.get("allow_is_causal_skip", True)
+        and kwargs.get("q_length") == kwargs.get("kv_length")
+    )
+    return None if packed else sdpa_mask(*args, **kwargs)
 
 
 def register() -> None:
@@ -142,19 +168,33 @@ def prepare_model(model: nn.Module, *, what: str = "model") -> None:
             f"packed attention dpo_lab checks ({', '.join(sorted(PACKED_MODEL_TYPES))}); set "
             "dataset.padding_free=false"
         )
+    module = type(base).__module__
+    if not module.startswith(f"transformers.models.{model_type}."):
+        raise ConfigError(
+            f"dataset.padding_free=true: the {what} runs its own code ({module}), not "
+            f"transformers' {model_type}, whose packing dpo_lab checks; set "
+            "dataset.padding_free=false"
+        )
     impl = getattr(config, "_attn_implementation", None)
     if impl not in PACKED_ATTENTION:
         raise ConfigError(
-            f"dataset.padding_free=true: attention implementation {impl!r} of the {what} may "
-            f"attend across packed sequences; use one of {', '.join(sorted(PACKED_ATTENTION))}"
+            f"dataset.padding_free=true: model.attn_implementation={impl!r} (the {what}'s) may "
+            f"attend across packed sequences; use sdpa, eager, flex_attention or "
+            "flash_attention_2/3"
         )
     if impl == "sdpa":
         register()
         base.set_attn_implementation(SDPA_VARLEN)
+        if base.config._attn_implementation != SDPA_VARLEN:  # transformers declined the switch
+            raise ConfigError(
+                f"dataset.padding_free=true: the {what} could not switch to per-sequence sdpa; "
+                "set model.attn_implementation=flash_attention_2 or dataset.padding_free=false"
+            )
     elif impl == "eager":
         log.warning(
-            "dataset.padding_free=true with eager attention builds a dense (L, L) mask over each "
-            "packed row (L = a batch's tokens); sdpa runs each sequence on its own instead"
+            "dataset.padding_free=true with eager attention: each packed row (a batch's tokens, "
+            "L) gets a dense (L, L) mask and (heads, L, L) scores per layer; sdpa runs each "
+            "sequence on its own instead"
         )
 
 

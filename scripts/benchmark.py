@@ -23,6 +23,10 @@ Tools: ``dpo_lab``, ``trl`` (TRL's defaults) and ``trl_liger`` (TRL with
 appends each child's result as a JSON line as soon as it finishes, so a run cut short keeps
 what it measured.
 
+``--repeats N`` runs every child N times, in rounds, and reports each cell's median (and the
+tokens/s range): on this shared 2-core machine one run per cell moved by up to 16% between
+two invocations.
+
 ``--lengths hh`` draws each pair's lengths to match real preference data (Anthropic hh-rlhf
 harmless-base with the Llama-2 tokenizer: a sequence's median 132 tokens, min 21, max 437 under
 a 512 cap; a completion's median 27), where padding matters. Batches then differ, so each tool
@@ -130,6 +134,13 @@ def total_steps(args: argparse.Namespace) -> int:
     return 2 * args.steps if args.lengths == "hh" else args.warmup + args.steps
 
 
+def check_epoch(args: argparse.Namespace, batches: int) -> None:
+    """With variable lengths the timed epoch must be exactly every pair once (``--steps``
+    batches), or the tokens counted would not be the tokens timed."""
+    if args.lengths == "hh" and batches != args.steps:
+        raise SystemExit(f"an epoch has {batches} batches, expected --steps={args.steps}")
+
+
 def max_length(args: argparse.Namespace) -> int:
     return 512 + 8 if args.lengths == "hh" else args.prompt + args.completion + 8
 
@@ -179,6 +190,9 @@ def child_dpo_lab(
     timer = _Timer(args.device)
 
     class StepTimer(L.Callback):
+        def on_train_start(self, trainer, *a):
+            check_epoch(args, trainer.num_training_batches)
+
         def on_train_batch_start(self, *a):
             timer.start()
 
@@ -293,6 +307,7 @@ def child_trl(args: argparse.Namespace, mode: str, root: Path, liger: bool = Fal
         callbacks=[StepTimer()],
         **extra,
     )
+    check_epoch(args, len(trainer.get_train_dataloader()))
     trainer.train()
     return timer.times
 
@@ -310,6 +325,8 @@ def run_child(args: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB → MiB
+    if len(times) != total_steps(args):
+        raise SystemExit(f"timed {len(times)} steps, expected {total_steps(args)}")
     assets = json.loads((root / "assets.json").read_text())
     if args.lengths == "hh":  # the second epoch: every pair once, the same pairs for every tool
         timed = times[args.steps :]
@@ -319,8 +336,6 @@ def run_child(args: argparse.Namespace) -> None:
         timed = times[args.warmup :]
         step = statistics.median(timed)
         tokens_per_s = assets["tokens_per_step"] / step
-    if len(times) != total_steps(args):
-        raise SystemExit(f"timed {len(times)} steps, expected {total_steps(args)}")
     print(
         "RESULT "
         + json.dumps(
@@ -375,6 +390,13 @@ def main() -> None:
         help=f"dpo_lab batch layouts, of {', '.join(LAYOUTS)} (default: padded; with --lengths "
         "hh all three)",
     )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every child, in rounds; the table shows medians and, for several, "
+        "the tokens/s range",
+    )
     ap.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--layout", choices=LAYOUTS, default="padded", help=argparse.SUPPRESS)
@@ -413,7 +435,6 @@ def main() -> None:
         for k in shared
         if getattr(args, k) is not None
     ] + (["--tie"] if args.tie else [])
-    results: dict[tuple[str, str, str], dict] = {}
     env = {
         **os.environ,
         "DPO_LAB_CACHE": str(root / "cache"),
@@ -426,27 +447,38 @@ def main() -> None:
         for tool in args.tools.split(",")
         for layout in (args.layouts if tool == "dpo_lab" else ["padded"])
     ]
-    for tool, mode, layout in children:
-        if tool not in TOOLS:
-            sys.exit(f"--tools: {tool!r} is not one of {', '.join(TOOLS)}")
-        cmd = [sys.executable, __file__, *passthrough, "--child", tool, "--mode", mode,
-               "--layout", layout, "--root", str(root)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            print(f"[{tool} {mode} {layout}] failed:\n  " + "\n  ".join(tail), file=sys.stderr)
-            continue
-        r = results[(tool, mode, layout)] = json.loads(line[0][7:])
-        if args.results:  # kept even if this script is stopped before its table
-            with open(args.results, "a") as f:
-                f.write(json.dumps({"tool": tool, "mode": mode, "layout": layout, **r}) + "\n")
-        print(
-            f"[{tool:7} {mode:11} {layout:6}] {r['tokens_per_s']:8.0f} tokens/s  "
-            f"{r['peak_mib']:7.0f} MiB peak",
-            file=sys.stderr,
-            flush=True,
-        )
+    runs: dict[tuple[str, str, str], list[dict]] = {}
+    for rep in range(args.repeats):  # rounds over every child: slow spells hit each alike
+        for tool, mode, layout in children:
+            if tool not in TOOLS:
+                sys.exit(f"--tools: {tool!r} is not one of {', '.join(TOOLS)}")
+            cmd = [sys.executable, __file__, *passthrough, "--child", tool, "--mode", mode,
+                   "--layout", layout, "--root", str(root)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+                print(f"[{tool} {mode} {layout}] failed:\n  " + "\n  ".join(tail),
+                      file=sys.stderr)  # fmt: skip
+                continue
+            r = json.loads(line[0][7:])
+            runs.setdefault((tool, mode, layout), []).append(r)
+            if args.results:  # kept even if this script is stopped before its table
+                with open(args.results, "a") as f:
+                    row = {"tool": tool, "mode": mode, "layout": layout, "repeat": rep, **r}
+                    f.write(json.dumps(row) + "\n")
+            print(
+                f"[{tool:7} {mode:11} {layout:7} #{rep}] {r['tokens_per_s']:8.0f} tokens/s  "
+                f"{r['peak_mib']:7.0f} MiB peak",
+                file=sys.stderr,
+                flush=True,
+            )
+    # each child's median over the repeats (tokens/s and peak memory separately)
+    results = {
+        key: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "peak_mib")}
+        | {"spread": (min(r["tokens_per_s"] for r in rs), max(r["tokens_per_s"] for r in rs))}
+        for key, rs in runs.items()
+    }
 
     mem = "peak CUDA alloc" if args.device == "cuda" else "peak RSS"
     assets = json.loads((root / "assets.json").read_text())
@@ -462,6 +494,10 @@ def main() -> None:
         if args.lengths == "hh"
         else f"median of {args.steps} steps after {args.warmup} warm-up"
     )
+    if args.repeats > 1:
+        timing += (
+            f"; each cell the median of {args.repeats} runs in rounds, tokens/s range in brackets"
+        )
     print(
         f"\nmodel: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
         f"{args.heads} heads ({args.kv_heads or args.heads} KV), intermediate "
@@ -490,15 +526,23 @@ def format_table(args: argparse.Namespace, results: dict, mem: str, n_params: in
     cuda = args.device == "cuda"
     several = len(args.layouts) > 1
     head = ["mode", "dpo_lab tokens/s"] + (["speed ÷ padded", "memory ÷ padded"] if several else [])
+    trl_note = " (padded)" if several else ""  # TRL pads in every row (see the docstring)
     for t in peers:
-        head += [f"{names[t]} tokens/s", f"speed ÷ {names[t]}"]
+        head += [f"{names[t]}{trl_note} tokens/s", f"speed ÷ {names[t]}{trl_note}"]
     head += [f"dpo_lab {mem} MiB"]
     for t in peers:
         head += [f"{names[t]} {mem} MiB", f"memory ÷ {names[t]}"]
     if cuda:
         head += [f"MFU {n}" for n in ["dpo_lab", *(names[t] for t in peers)]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fmt = lambda r, k: f"{r[k]:.0f}" if r else "—"  # noqa: E731
+
+    def fmt(r: dict | None, k: str) -> str:
+        if not r:
+            return "—"
+        lo, hi = r.get("spread", (r[k], r[k]))
+        spread = f" ({lo:.0f}–{hi:.0f})" if k == "tokens_per_s" and args.repeats > 1 else ""
+        return f"{r[k]:.0f}{spread}"
+
     for mode, layout in [(m, lay) for m in args.modes.split(",") for lay in args.layouts]:
         a = results.get(("dpo_lab", mode, layout))
         row = [mode if layout == "padded" else f"{mode}, {layout}", fmt(a, "tokens_per_s")]

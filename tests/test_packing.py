@@ -4,10 +4,12 @@ model type and attention implementation by implementation; what cannot pack is r
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
 
+from dpo_lab import packing
 from dpo_lab.data.collate import PreferenceCollator, UnpairedCollator, encode_batch, pad_sequences
 from dpo_lab.errors import ConfigError
 from dpo_lab.logps import completion_logps, completion_tokens, paired_logps, unpaired_logps
@@ -72,12 +74,34 @@ def test_packed_logps_equal_padded(model_type, attn):
     ref = copy.deepcopy(model)
     prepare_model(model)
     assert model.config._attn_implementation == (SDPA_VARLEN if attn == "sdpa" else attn)
-    packed = completion_logps(model, attention_mask=None, **pack(examples))
+    with mock.patch("dpo_lab.packing._segments", wraps=packing._segments) as per_sequence:
+        packed = completion_logps(model, attention_mask=None, **pack(examples))
+    # sdpa ran sequence by sequence in every layer (not transformers' block mask)
+    assert per_sequence.call_count == (model.config.num_hidden_layers if attn == "sdpa" else 0)
     torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=0)
     assert packed[1].tolist() == padded[1].tolist()
     # the switched model answers padded batches exactly as sdpa does (generation, KL rows)
     again = completion_logps(model, **pad_sequences(examples, pad_id=0))
     torch.testing.assert_close(again[0], completion_logps(ref, **pad_sequences(examples, 0))[0])
+
+
+@pytest.mark.parametrize("model_type", sorted(PACKED_MODEL_TYPES))
+def test_position_ids_alone_keep_sequences_apart(model_type):
+    """A packed row given only its restarting positions (no boundaries, as a user's own call
+    would be): each sequence's logits equal the sequence run alone, so the positions reach the
+    attention of every accepted model type."""
+    model = _model(model_type, "sdpa")
+    prepare_model(model)
+    examples = _examples(3)
+    row = pack(examples)
+    with torch.no_grad():
+        logits = model(
+            input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False
+        ).logits[0]
+        cu = row["cu_seq_lens"].tolist()
+        for (p, c), s, e in zip(examples, cu[:-1], cu[1:], strict=True):
+            alone = model(input_ids=torch.tensor([p + c]), use_cache=False).logits[0]
+            torch.testing.assert_close(logits[s:e], alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -170,14 +194,19 @@ def test_what_cannot_pack_is_refused():
         prepare_model(gemma, what="policy")
     AttentionInterface.register("my_attention", sdpa_attention_forward)
     model = _model("llama", "my_attention")
-    with pytest.raises(ConfigError, match="'my_attention' of the reference may attend across"):
+    with pytest.raises(ConfigError, match="attn_implementation='my_attention' .the reference's"):
         prepare_model(model, what="reference")
+    # a model of a checked type running its own code (trust_remote_code) is not checked code
+    from transformers import LlamaForCausalLM
 
+    class RemoteLlama(LlamaForCausalLM):
+        pass
 
-def _fit(cfg):
-    run = build(cfg)
-    run.trainer.fit(run.module, datamodule=run.datamodule)
-    return run
+    remote = RemoteLlama(_config("llama"))
+    with pytest.raises(ConfigError, match="runs its own code .test_packing., not transformers. llama"):
+        prepare_model(remote, what="policy")
+    with pytest.raises(ValueError, match="no attention mask"):
+        completion_logps(_model("llama", "sdpa"), **{**pack(_examples()), "attention_mask": 1})
 
 
 def _rows(run) -> list[dict]:
@@ -189,7 +218,7 @@ def _rows(run) -> list[dict]:
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["loss=dpo"],
+        ["loss=dpo", "model.gradient_checkpointing=true"],
         ["loss=dpo", "reference.precompute=true"],
         ["loss=kto"],
         ["loss=dpo", "model.lora.enabled=true", "model.lr=1e-2"],
@@ -208,10 +237,22 @@ def test_a_padding_free_run_trains_like_the_padded_one(tmp_path, overrides):
         *("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1"),
         *("probe.every_n_steps=1", "eval.num_prompts=0", "logger=csv"),
     ]
-    runs = [
-        _fit(make_cfg(tmp_path / name, *common, f"dataset.padding_free={name == 'packed'}"))
-        for name in ("padded", "packed")
-    ]
+    # the packed run's probe also runs in several batches (dataset.eval_batch_size=5 of 16)
+    runs = []
+    for extra in ([], ["dataset.padding_free=true", "dataset.eval_batch_size=5"]):
+        run = build(make_cfg(tmp_path / ("packed" if extra else "padded"), *common, *extra))
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+        runs.append(run)
+    # packing was on where it should be (the comparison alone would pass with it off)
+    dm, module = runs[1].datamodule, runs[1].module
+    batch = next(iter(dm.train_dataloader()))
+    assert "cu_seq_lens" in batch and "attention_mask" not in batch
+    assert len(dm.probe_batches()) == 4 and "cu_seq_lens" in dm.probe_batches()[0]
+    policy = module.policy
+    policy = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    assert policy.config._attn_implementation == SDPA_VARLEN
+    if module.online is not None:
+        assert module.online.collate.padding_free
     padded, packed = (_rows(r) for r in runs)
     assert len(padded) == len(packed) == 2
     # step 0 is scored before any update: equal to fp32 noise; after it, Adam's first update

@@ -94,20 +94,22 @@ class DisplacementProbe(L.Callback):
         was_training = model is not None and model.training
         if model is not None:
             model.eval()
-        # under FSDP every process gathers the root unit's weights (embeddings, norm, head)
-        with full_root_params(trainer), trainer.precision_plugin.forward_context():
-            for batch in self.batches:
-                batch = {
-                    k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()
-                }
-                if model is None:
-                    out = pl_module.reference.paired(batch, "val")
-                else:
-                    out = paired_logps(model, batch, **pl_module.logps_kwargs)
-                columns = (out.chosen, out.rejected, out.chosen_tokens, out.rejected_tokens)
-                parts.append([t.cpu() for t in columns])
-        if model is not None:
-            model.train(was_training)
+        try:  # under FSDP every process gathers the root unit's weights (embeddings, norm, head)
+            with full_root_params(trainer), trainer.precision_plugin.forward_context():
+                for batch in self.batches:
+                    batch = {
+                        k: v.to(pl_module.device) if torch.is_tensor(v) else v
+                        for k, v in batch.items()
+                    }
+                    if model is None:
+                        out = pl_module.reference.paired(batch, "val")
+                    else:
+                        out = paired_logps(model, batch, **pl_module.logps_kwargs)
+                    columns = (out.chosen, out.rejected, out.chosen_tokens, out.rejected_tokens)
+                    parts.append([t.cpu() for t in columns])
+        finally:
+            if model is not None:
+                model.train(was_training)
         self.seconds += time.perf_counter() - t0
         return PairedLogps(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
