@@ -87,8 +87,11 @@ class DisplacementProbe(L.Callback):
         self.true_margins = dm.probe_true_margins()
 
     @torch.no_grad()
-    def _score(self, trainer: L.Trainer, pl_module: Any, model: Any) -> PairedLogps:
-        """Under ``model`` (the policy) or, with ``model=None``, the run's reference."""
+    def _score(
+        self, trainer: L.Trainer, pl_module: Any, model: Any, timed: bool = True
+    ) -> PairedLogps:
+        """Under ``model`` (the policy) or, with ``model=None``, the run's reference; with
+        ``timed``, its seconds count in ``self.seconds``."""
         t0 = time.perf_counter()
         parts = []
         was_training = model is not None and model.training
@@ -110,7 +113,8 @@ class DisplacementProbe(L.Callback):
         finally:
             if model is not None:
                 model.train(was_training)
-        self.seconds += time.perf_counter() - t0
+        if timed:
+            self.seconds += time.perf_counter() - t0
         return PairedLogps(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
     def _record(self, trainer: L.Trainer, pl_module: Any) -> None:
@@ -118,8 +122,8 @@ class DisplacementProbe(L.Callback):
         if step == self.last_step or self.batches is None:
             return
         self.last_step = step
-        before = self.seconds
-        pol, ref = self._score(trainer, pl_module, pl_module.policy), self.reference
+        t0, before = time.perf_counter(), self.seconds
+        pol, ref = self._score(trainer, pl_module, pl_module.policy, timed=False), self.reference
         metrics = {
             "probe/logps/chosen": pol.chosen.mean().item(),
             "probe/logps/rejected": pol.rejected.mean().item(),
@@ -139,29 +143,25 @@ class DisplacementProbe(L.Callback):
             implicit = (pol.chosen - ref.chosen) - (pol.rejected - ref.rejected)
             agree = (implicit > 0) == (self.true_margins > 0)
             metrics["probe/true_accuracies"] = agree[known].float().mean().item()
+        if trainer.is_global_zero:  # one table and one log per run, not one per process
+            columns = (pol.chosen_tokens, pol.rejected_tokens, pol.chosen, pol.rejected,
+                       ref.chosen, ref.rejected)  # fmt: skip
+            with open(self.csv_path, "a", newline="") as f:
+                csv.writer(f).writerows(
+                    [step, eid, int(ct), int(rt), *(f"{v:.6f}" for v in values)]
+                    for eid, ct, rt, *values in zip(
+                        self.ids, *(c.tolist() for c in columns), strict=True
+                    )
+                )
+        # the whole probe step: scoring, metrics and its rows in probe.csv
+        self.seconds += time.perf_counter() - t0
         metrics["probe/seconds"] = self.seconds - before
         wall = time.perf_counter() - self._started if self._started is not None else 0.0
         metrics["probe/time_share"] = self.seconds / wall if wall > 0 else 0.0
         self.last_metrics = metrics
-        if not trainer.is_global_zero:  # one table and one log per run, not one per process
-            return
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        with open(self.csv_path, "a", newline="") as f:
-            w = csv.writer(f)
-            for i, eid in enumerate(self.ids):
-                w.writerow(
-                    [
-                        step,
-                        eid,
-                        int(pol.chosen_tokens[i]),
-                        int(pol.rejected_tokens[i]),
-                        f"{pol.chosen[i].item():.6f}",
-                        f"{pol.rejected[i].item():.6f}",
-                        f"{ref.chosen[i].item():.6f}",
-                        f"{ref.rejected[i].item():.6f}",
-                    ]
-                )
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointed, so a resumed run keeps the starting model's scores as its reference level
