@@ -19,7 +19,8 @@ boundary. Who keeps the sequences apart, in transformers 5 (``masking_utils``):
 Other model types are refused, and so is a model of a listed type whose code is not
 transformers' own (``trust_remote_code``): packing is exact only where the model feeds
 ``position_ids`` to its positions, its mask builder and its attention, which the tests check type
-by type (``PACKED_MODEL_TYPES``).
+by type (``PACKED_MODEL_TYPES``). Only the model's class is checked: a library that patches
+transformers' own attention modules in place (kernels replacing ``forward``) is not detected.
 """
 
 from __future__ import annotations
@@ -76,22 +77,26 @@ def _sdpa_varlen(
     """sdpa on each sequence of a packed (1, heads, L, d) row; anything else to transformers'
     sdpa. Sequence s sees its own keys only, causally (and within the module's sliding window).
     The boundaries come from ``cu_seq_lens_q`` (``completion_logps`` passes them), else from
-    restarting ``position_ids``."""
+    restarting ``position_ids`` (a row transformers itself treats as packed only without a KV
+    cache and without an attention mask: pass ``use_cache=False``)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = None
-    if attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]:
+    # the window as the model passes it to its attention (Mistral, Phi-3, Qwen's sliding layers)
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    L = query.shape[2]
+    if attention_mask is None and query.shape[0] == 1 and L == key.shape[2]:
         cu = kwargs.get("cu_seq_lens_q")
         bounds = _segments(cu) if cu is not None else _boundaries_from_positions(
             kwargs.get("position_ids")
         )  # fmt: skip
+        if bounds is None and window is not None and L > window:
+            bounds = [0, L]  # one sequence: its window is applied below, never dropped
     if bounds is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     groups = query.shape[1] // key.shape[1]
-    # the window as the model passes it to its attention (Mistral, Phi-3, Qwen's sliding layers)
-    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     out = []
     # split, not slicing: split's backward is one concatenation, where each slice's backward
@@ -128,6 +133,7 @@ def _varlen_mask(*args: Any, **kwargs: Any) -> Any:
         kwargs.get("attention_mask") is None
         and not kwargs.get("allow_is_causal_skip", True)
         and kwargs.get("q_length") == kwargs.get("kv_length")
+        and kwargs.get("batch_size") == 1  # several packed rows: sdpa's block mask
     )
     return None if packed else sdpa_mask(*args, **kwargs)
 

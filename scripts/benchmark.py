@@ -404,6 +404,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return run_child(args)
+    if args.repeats < 1:
+        sys.exit(f"--repeats must be >= 1, got {args.repeats}")
     layouts = args.layouts or ("padded,grouped,packed" if args.lengths == "hh" else "padded")
     args.layouts = layouts.split(",")
     for layout in args.layouts:
@@ -479,6 +481,9 @@ def main() -> None:
         | {"spread": (min(r["tokens_per_s"] for r in rs), max(r["tokens_per_s"] for r in rs))}
         for key, rs in runs.items()
     }
+    for key, rs in runs.items():
+        if len(rs) < args.repeats:  # a cell whose median is over fewer runs says so
+            print(f"[{' '.join(key)}] median of {len(rs)} of {args.repeats} runs", file=sys.stderr)
 
     mem = "peak CUDA alloc" if args.device == "cuda" else "peak RSS"
     assets = json.loads((root / "assets.json").read_text())
