@@ -91,7 +91,13 @@ def test_a_run_ended_by_max_steps_mid_epoch_extends_exactly(tmp_path):
 
 
 # measured per run, not reproducible: compared for presence only
-TIMING = {"train/tokens_per_sec", "train/examples_per_sec", "train/peak_memory_mib"}
+TIMING = {
+    "train/tokens_per_sec",
+    "train/examples_per_sec",
+    "train/peak_memory_mib",
+    "probe/seconds",
+    "probe/time_share",
+}
 
 
 def metric_rows(out: Path) -> list[tuple]:
