@@ -5,8 +5,9 @@ Each test trains the shrunk embedded task through the command line, as a user wo
 real GPU configuration: bf16-mixed and fp16 with its GradScaler (every trainable weight changes),
 FSDP and DeepSpeed ZeRO-2/3 on one device (steps, probe, end-of-run evaluation, ``final/`` loading
 in transformers and reproducing the policy's log-probs, kill and ``resume=auto``), LoRA on a bf16
-base, the precomputed reference under bf16, online generation on CUDA, and the lean LM-head path
-against the naive one in bf16.
+base, the precomputed reference under bf16, online generation on CUDA, the lean LM-head path
+against the naive one in bf16, and padding-free batches (per-sequence sdpa and, where
+flash-attn is installed, flash_attention_2's variable-length kernel) against padded ones.
 """
 
 from __future__ import annotations
@@ -68,6 +69,72 @@ def test_lean_head_equals_the_naive_path_in_bf16():  # first: in-process, quick
     assert (a - b).abs().max() < 1e-2 * b.abs().max()
     assert ((ga - gb).norm() / gb.norm()) < 1e-2
     assert ((la - lb).norm() / lb.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_packed_equals_padded_on_cuda(attn):
+    """Packed rows on the GPU under bf16 autocast, a GQA model with a sliding window shorter than
+    some sequences: log-probs and gradients against the padded path's (bf16 tolerance), for the
+    per-sequence sdpa and flash-attention's variable-length kernel."""
+    import importlib.util
+
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed")
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from dpo_lab.data.collate import pad_sequences
+    from dpo_lab.logps import completion_logps
+    from dpo_lab.packing import pack, prepare_model
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=32000, hidden_size=256, intermediate_size=512,
+                           num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                           sliding_window=64)  # fmt: skip
+    dtype = torch.bfloat16 if attn == "flash_attention_2" else torch.float32
+    model = MistralForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype).cuda()
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 32000, (n,), generator=g).tolist()  # noqa: E731
+    examples = [(ids(p), ids(c)) for p, c in [(5, 3), (90, 60), (20, 1), (130, 40), (7, 200)]]
+    out = {}
+    for packed in (False, True):
+        model.zero_grad()
+        if packed:
+            prepare_model(model)
+            batch = pack(examples)
+            batch["attention_mask"] = None
+        else:
+            batch = pad_sequences(examples, 0)
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logps, tokens = completion_logps(model, **batch)
+        logps.sum().backward()
+        grad = model.model.layers[0].self_attn.q_proj.weight.grad.float().clone()
+        out[packed] = (logps.detach().float(), tokens, grad)
+    (a, ta, ga), (b, tb, gb) = out[False], out[True]
+    assert ta.tolist() == tb.tolist()
+    assert (a - b).abs().max() < 2e-2 * a.abs().max()
+    assert ((ga - gb).norm() / ga.norm()) < 2e-2
+
+
+def test_a_padding_free_run_on_cuda(tmp_path):
+    """dataset.padding_free through the command line on the GPU, bf16-mixed: every weight
+    trains, the step-0 reward is 0, the evaluation (unpacked generation on the switched model)
+    runs."""
+    out = tmp_path / "run"
+    run_cli(
+        *GPU,
+        "dataset.padding_free=true",
+        "trainer.max_steps=4",
+        "+callbacks.weights._target_=gpu_helpers.WeightsChanged",
+        f"+callbacks.weights.path={tmp_path / 'unchanged.json'}",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+        env=env_with_tests(),
+    )
+    assert json.loads((tmp_path / "unchanged.json").read_text()) == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and "eval/kl" in summary
+    assert_step0_reward_is_zero(out)
 
 
 def train_rows(out: Path) -> list[dict[str, str]]:
