@@ -192,20 +192,26 @@ def completion_logps(
     if cu_seq_lens is None:
         rows = mask.nonzero(as_tuple=True)[0]  # (M,) row of each completion token
         n, tokens = input_ids.shape[0], mask.sum(-1)
-    else:  # the sequence of each completion token
-        rows = _sequence_of_position(cu_seq_lens, input_ids.shape[1])[1:][mask[0]]
-        n = cu_seq_lens.shape[0] - 1
-        tokens = torch.zeros(n, dtype=torch.long, device=input_ids.device)
-        tokens = tokens.index_add(0, rows, torch.ones_like(rows))
+    else:
+        rows, n = _packed_rows(mask, cu_seq_lens), cu_seq_lens.shape[0] - 1
+        tokens = _count(rows, n)
     logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
     return logps.index_add(0, rows, token_logps), tokens
 
 
-def _sequence_of_position(cu_seq_lens: Tensor, length: int) -> Tensor:
-    """(L,) the sequence each position of a packed row belongs to (no host sync)."""
-    n = cu_seq_lens.shape[0] - 1
-    seq = torch.arange(n, device=cu_seq_lens.device)
-    return torch.repeat_interleave(seq, cu_seq_lens.diff(), output_size=length)
+def _packed_rows(mask: Tensor, cu_seq_lens: Tensor) -> Tensor:
+    """(M,) the sequence of each completion token of a packed row, from its shifted (1, L-1)
+    completion mask and its boundaries (no host sync)."""
+    seq = torch.arange(cu_seq_lens.shape[0] - 1, device=cu_seq_lens.device)
+    of_position = torch.repeat_interleave(seq, cu_seq_lens.diff(), output_size=mask.shape[1] + 1)
+    return of_position[1:][mask[0]]
+
+
+def _count(rows: Tensor, n: int) -> Tensor:
+    """(n,) how many of ``rows`` name each sequence."""
+    return torch.zeros(n, dtype=torch.long, device=rows.device).index_add(
+        0, rows, torch.ones_like(rows)
+    )
 
 
 def _packed_inputs(position_ids: Tensor, cu_seq_lens: Tensor) -> dict[str, Any]:
@@ -236,10 +242,7 @@ def completion_tokens(batch: dict[str, Any], prefix: str = "") -> Tensor:
     cu = batch.get(f"{prefix}cu_seq_lens")
     if cu is None:
         return mask.sum(-1)
-    rows = _sequence_of_position(cu, mask.shape[1] + 1)[1:][mask[0]]
-    return torch.zeros(cu.shape[0] - 1, dtype=torch.long, device=mask.device).index_add(
-        0, rows, torch.ones_like(rows)
-    )
+    return _count(_packed_rows(mask, cu), cu.shape[0] - 1)
 
 
 def _inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:

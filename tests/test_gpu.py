@@ -116,27 +116,6 @@ def test_packed_equals_padded_on_cuda(attn):
     assert ((ga - gb).norm() / ga.norm()) < 2e-2
 
 
-def test_a_padding_free_run_on_cuda(tmp_path):
-    """dataset.padding_free through the command line on the GPU, bf16-mixed: every weight
-    trains, the step-0 reward is 0, the evaluation (unpacked generation on the switched model)
-    runs."""
-    out = tmp_path / "run"
-    run_cli(
-        *GPU,
-        "dataset.padding_free=true",
-        "trainer.max_steps=4",
-        "+callbacks.weights._target_=gpu_helpers.WeightsChanged",
-        f"+callbacks.weights.path={tmp_path / 'unchanged.json'}",
-        f"hydra.run.dir={out}",
-        cwd=tmp_path,
-        env=env_with_tests(),
-    )
-    assert json.loads((tmp_path / "unchanged.json").read_text()) == []
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and "eval/kl" in summary
-    assert_step0_reward_is_zero(out)
-
-
 def train_rows(out: Path) -> list[dict[str, str]]:
     with open(out / "metrics.csv", newline="") as f:
         return [r for r in csv.DictReader(f) if r.get("train/loss")]
@@ -178,12 +157,19 @@ def final_probe_logps(out: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return start, logged, scored
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_a_default_shaped_run_trains_every_weight(tmp_path, precision):
+@pytest.mark.parametrize(
+    "precision, extra",
+    [("bf16-mixed", []), ("16-mixed", []), ("bf16-mixed", ["dataset.padding_free=true"])],
+    ids=["bf16-mixed", "16-mixed", "bf16-mixed-padding-free"],
+)
+def test_a_default_shaped_run_trains_every_weight(tmp_path, precision, extra):
+    """Every trainable weight changes, the step-0 reward is 0 and the evaluation runs; with
+    padding-free batches too (the evaluation then generates, unpacked, on the switched model)."""
     out = tmp_path / "run"
     run_cli(
         *GPU,
         f"trainer.precision={precision}",
+        *extra,
         "trainer.max_steps=4",
         "+callbacks.weights._target_=gpu_helpers.WeightsChanged",
         f"+callbacks.weights.path={tmp_path / 'unchanged.json'}",

@@ -9,8 +9,8 @@ Per-example values go to ``probe.csv`` in the run dir (one row per example and
 probe step), so displacement can be studied per example and per length; ``probe.png`` plots the
 mean trajectories at the end of training.
 
-Its cost is logged with it: ``probe/seconds`` (this scoring) and ``probe/time_share`` (every
-scoring so far, the reference's included, over the wall time since training started).
+Its cost is logged with it: ``probe/seconds`` (this probe step) and ``probe/time_share`` (every
+probe step so far, the reference's scoring included, over the wall time since training started).
 """
 
 from __future__ import annotations
@@ -87,12 +87,8 @@ class DisplacementProbe(L.Callback):
         self.true_margins = dm.probe_true_margins()
 
     @torch.no_grad()
-    def _score(
-        self, trainer: L.Trainer, pl_module: Any, model: Any, timed: bool = True
-    ) -> PairedLogps:
-        """Under ``model`` (the policy) or, with ``model=None``, the run's reference; with
-        ``timed``, its seconds count in ``self.seconds``."""
-        t0 = time.perf_counter()
+    def _score(self, trainer: L.Trainer, pl_module: Any, model: Any) -> PairedLogps:
+        """Under ``model`` (the policy) or, with ``model=None``, the run's reference."""
         parts = []
         was_training = model is not None and model.training
         if model is not None:
@@ -113,8 +109,6 @@ class DisplacementProbe(L.Callback):
         finally:
             if model is not None:
                 model.train(was_training)
-        if timed:
-            self.seconds += time.perf_counter() - t0
         return PairedLogps(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
     def _record(self, trainer: L.Trainer, pl_module: Any) -> None:
@@ -123,7 +117,7 @@ class DisplacementProbe(L.Callback):
             return
         self.last_step = step
         t0, before = time.perf_counter(), self.seconds
-        pol, ref = self._score(trainer, pl_module, pl_module.policy, timed=False), self.reference
+        pol, ref = self._score(trainer, pl_module, pl_module.policy), self.reference
         metrics = {
             "probe/logps/chosen": pol.chosen.mean().item(),
             "probe/logps/rejected": pol.rejected.mean().item(),
@@ -187,6 +181,7 @@ class DisplacementProbe(L.Callback):
         if self.reference is None:  # the starting model, also for a reference-free loss
             model = None if pl_module.reference is not None else pl_module.policy
             self.reference = self._score(trainer, pl_module, model)
+            self.seconds += time.perf_counter() - self._started  # part of the probe's cost
         if trainer.is_global_zero and getattr(self, "_resumed", False) and self.csv_path.exists():
             # rows a killed run wrote after its last checkpoint are written again: drop them
             with open(self.csv_path, newline="") as f:

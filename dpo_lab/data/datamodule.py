@@ -383,7 +383,6 @@ class PreferenceDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
         self.unpaired, self.group_by_length = unpaired, group_by_length
-        self.padding_free = padding_free
         self.collate = PreferenceCollator(tokenizer.pad_token_id, padding_free)
         self.loader_collate = (
             UnpairedCollator(tokenizer.pad_token_id, padding_free) if unpaired else self.collate
