@@ -20,10 +20,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 BUILTIN_SOURCES = {
     "sentiment": ("dpo_lab.tasks.sentiment.load", "dpo_lab.tasks.closed_form.load"),
 }
+# builtin:<name> → a real pretrained model converted from an installed package, any dataset
+BUILTIN_MODELS = ("smollm2",)
 
 
 def resolve_name_or_path(name_or_path: str, source_cfg: dict[str, Any]) -> str:
-    """A ``builtin:<task>`` name becomes the task's built SFT base directory; others pass through.
+    """A ``builtin:<task>`` name becomes the task's built SFT base directory, ``builtin:smollm2``
+    the converted SmolLM2 directory (``dpo_lab.pretrained``); others pass through.
 
     The embedded model is the SFT base of the embedded task, so it is built from the dataset's
     task settings (``dataset.source``) and needs that dataset.
@@ -31,10 +34,14 @@ def resolve_name_or_path(name_or_path: str, source_cfg: dict[str, Any]) -> str:
     if not name_or_path.startswith("builtin:"):
         return name_or_path
     task = name_or_path.split(":", 1)[1]
+    if task in BUILTIN_MODELS:
+        from dpo_lab import pretrained
+
+        return str(pretrained.smollm2_dir())
     if task not in BUILTIN_SOURCES:
         raise ConfigError(
             f"model.name_or_path={name_or_path!r}: unknown builtin; known: "
-            + ", ".join(f"builtin:{t}" for t in BUILTIN_SOURCES)
+            + ", ".join(f"builtin:{t}" for t in (*BUILTIN_SOURCES, *BUILTIN_MODELS))
         )
     target = source_cfg.get("_target_")
     if target not in BUILTIN_SOURCES[task]:
