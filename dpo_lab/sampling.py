@@ -14,25 +14,8 @@ from typing import Any
 
 import torch
 
-from dpo_lab.data.collate import encode_prompt, pad_sequences, special_ids
+from dpo_lab.data.collate import chat_end_of_turn, encode_prompt, pad_sequences
 from dpo_lab.logps import completion_logps
-
-
-def chat_end_of_turn(tokenizer: Any) -> int | None:
-    """The special token the chat template closes an assistant turn with, if it has one."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    turn = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
-    try:
-        text = tokenizer.apply_chat_template(turn, tokenize=False)
-    except Exception:  # a template that wants other roles: no end-of-turn token to learn
-        return None
-    if "pong" not in text:
-        return None
-    ids = tokenizer(text[text.rindex("pong") + 4 :], add_special_tokens=False)["input_ids"]
-    if not ids:
-        return None
-    return ids[0] if ids[0] in special_ids(tokenizer) else None
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -471,3 +471,26 @@ def test_backend_fast_path_equals_the_transformers_wrapper(tok, bpe, special):
         assert token_ids(t, texts, special) == [
             list(x) for x in t(texts, add_special_tokens=special)["input_ids"]
         ]
+
+
+@pytest.mark.parametrize(
+    "after, ends_at_turn",
+    [("\n", True), ("\n\n ", True), ("", True), ("d", False)],
+    ids=["newline", "whitespace", "nothing", "text"],
+)
+def test_a_chat_response_ends_at_the_end_of_turn_token(bpe, after, ends_at_turn):
+    """ChatML renders ``<|im_end|>\\n`` after a turn; generation stops at the end-of-turn token,
+    so the scored completion stops there too. Text (not whitespace) after it is kept."""
+    import copy
+
+    from dpo_lab.data.collate import encode_example
+
+    tok = copy.deepcopy(bpe)
+    tok.chat_template = CHAT_TEMPLATE.replace("<|end|>", "<|end|>" + after)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    prompt = [{"role": "user", "content": "hello"}]
+    _, c = encode_example(tok, prompt, [{"role": "assistant", "content": "nice world"}])
+    if ends_at_turn:
+        assert c[-1] == end and tok.decode(c[:-1]) == "nice world"
+    else:
+        assert tok.decode(c).endswith("<|end|>d")

@@ -9,6 +9,7 @@ rows (message lists) are rendered with the chat template first.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +42,48 @@ def render(tokenizer: Any, prompt: Any, completion: Any = None) -> tuple[str, st
             "the chat template renders the prompt differently inside the full conversation, so "
             f"the prompt/response boundary is not exact; prompt renders as {p[-80:]!r}"
         )
-    return p, full[len(p) :], True
+    return p, end_at_turn(tokenizer, full[len(p) :]), True
+
+
+def end_at_turn(tokenizer: Any, text: str) -> str:
+    """``text`` cut after the chat template's end-of-turn token when only whitespace follows it
+    (ChatML's ``<|im_end|>\\n``): a response ends where generation stops, at that token, so
+    sampled and dataset completions are scored over the same tokens."""
+    eot = chat_end_of_turn(tokenizer)
+    if eot is None:
+        return text
+    mark = tokenizer.convert_ids_to_tokens(eot)
+    k = text.rfind(mark)
+    return text[: k + len(mark)] if k >= 0 and not text[k + len(mark) :].strip() else text
+
+
+def chat_end_of_turn(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with, if it has one
+    (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...). Computed once per tokenizer."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    template, eot = _END_OF_TURN.get(tokenizer, (None, None))
+    if template != tokenizer.chat_template:
+        template, eot = tokenizer.chat_template, _end_of_turn(tokenizer)
+        _END_OF_TURN[tokenizer] = (template, eot)
+    return eot
+
+
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _end_of_turn(tokenizer: Any) -> int | None:
+    turn = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+    try:
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+    except Exception:  # a template that wants other roles: no end-of-turn token to learn
+        return None
+    if "pong" not in text:
+        return None
+    ids = tokenizer(text[text.rindex("pong") + 4 :], add_special_tokens=False)["input_ids"]
+    if not ids:
+        return None
+    return ids[0] if ids[0] in special_ids(tokenizer) else None
 
 
 def special_ids(tokenizer: Any) -> set[int]:

@@ -22,7 +22,7 @@ from dpo_lab.errors import ConfigError, DataError
 
 # bump when tokenization changes: invalidates cached tokenized data. 3: left truncation keeps
 # BOS, and truncated prompts are counted
-TOKENIZE_VERSION = 3
+TOKENIZE_VERSION = 4  # 4: a chat response ends at its end-of-turn token
 PAIRED_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 UNPAIRED_FIELDS = ("prompt_ids", "completion_ids")
 
