@@ -908,6 +908,143 @@ def closed_form(runs: dict[str, list[Run]], out: Path) -> str:
     return table([*header, "KL to π_ref", "corr", "slope", "label draws"], rows)
 
 
+REAL_SAMPLES = 4  # sample reviews shown, before and after
+
+
+def _user_text(prompt: Any) -> str:
+    return prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
+
+
+def _cell_text(text: str, width: int = 110) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def real_sentiment(runs: dict[str, list[Run]], out: Path) -> str:
+    """SmolLM2-135M: the reward-vs-KL frontier of DPO and IPO over β, their chosen and rejected
+    log-ratio trajectories, and sample reviews before and after. Every run is kept (its capped
+    share shown): SmolLM2 at temperature 1 runs past the cap on some prompts, reference and
+    policy alike, so the toy studies' 1% rule would leave every run out."""
+    groups = {loss: g for (loss,), g in by(runs["real_sentiment"], "loss.name").items()}
+    plt, fig, axes = _figure(3)
+    colors = {"dpo": "tab:blue", "ipo": "tab:orange"}
+    ax = axes[0]
+    for name, g in groups.items():
+        pts = []
+        for (beta,), gb in sorted(by(g, "beta").items()):
+            lm, lh, _ = ci95([math.log(max(r["eval/kl"], KL_FLOOR)) for r in gb])
+            m, h, _ = ci95([r["eval/reward/policy"] for r in gb])
+            lh, h = (0.0 if math.isnan(lh) else lh), (0.0 if math.isnan(h) else h)
+            k = math.exp(lm)
+            pts.append((k, m, k - math.exp(lm - lh), math.exp(lm + lh) - k, h, beta))
+        pts.sort()
+        ax.errorbar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            xerr=[[p[2] for p in pts], [p[3] for p in pts]],
+            yerr=[p[4] for p in pts],
+            marker="o",
+            capsize=3,
+            label=name,
+            color=colors.get(name),
+        )
+        for p in pts:
+            ax.annotate(
+                f"β={p[5]:g}", (p[0], p[1]), fontsize=7, xytext=(4, -10), textcoords="offset points"
+            )
+    _reference_line(ax, runs["real_sentiment"])
+    ax.set_xscale("log")
+    finish_figure(
+        fig,
+        ax,
+        None,
+        xlabel="KL(π‖π_ref), nats (log scale)",
+        ylabel="true reward of policy samples",
+        title="SmolLM2-135M: reward vs KL (mean ± 95% CI)",
+    )
+    styles = {0: "-", 1: "--"}
+    for ax, side in zip(axes[1:], ("chosen", "rejected"), strict=True):
+        for name, g in groups.items():
+            for i, ((beta,), gb) in enumerate(sorted(by(g, "beta").items())):
+                curves = [_probe_curves(r)[f"probe/logratios/{side}"] for r in gb]
+                steps = sorted(set.intersection(*(set(c) for c in curves)))
+                ax.plot(
+                    steps,
+                    [statistics.fmean(c[s] for c in curves) for s in steps],
+                    color=colors.get(name),
+                    ls=styles.get(i, ":"),
+                    label=f"{name} β={beta:g}",
+                )
+        ax.axhline(0, color="gray", ls="--", lw=1)
+        finish_figure(
+            fig,
+            ax,
+            out if side == "rejected" else None,
+            xlabel="training step",
+            ylabel=f"mean log π/π_ref of {side} (probe set)",
+            title=f"{side.capitalize()} responses (mean over seeds)",
+        )
+    rows = []
+    for name, g in groups.items():
+        for (beta,), gb in sorted(by(g, "beta").items()):
+            n = len(gb)
+            rows.append(
+                [
+                    name,
+                    f"{beta:g}",
+                    fmt([r["eval/reward/policy"] for r in gb], 3, n),
+                    fmt_kl([r["eval/kl"] for r in gb], n),
+                    fmt([r["probe/logratios/chosen"] for r in gb], 2, n),
+                    fmt([r["probe/logratios/rejected"] for r in gb], 2, n),
+                    fmt([r["probe/frac_chosen_below_ref"] for r in gb], 2, n),
+                    fmt([r["eval/length/policy"] for r in gb], 1, n),
+                    fmt([r["eval/capped_frac/policy"] for r in gb], 2, n),
+                    str(n),
+                ]
+            )
+    allr = runs["real_sentiment"]
+    rows.append(
+        [
+            "reference (SFT)",
+            "—",
+            fmt([r["eval/reward/reference"] for r in allr], 3),
+            "0",
+            "0",
+            "0",
+            "—",
+            fmt([r["eval/length/reference"] for r in allr], 1),
+            fmt([r["eval/capped_frac/reference"] for r in allr], 2),
+            str(n_seeds(allr)),
+        ]
+    )
+    header = ["loss", "β", "true reward π", "KL(π‖π_ref)", "Δ log π(y_c)", "Δ log π(y_r)"]
+    header += ["chosen below ref", "length π", "capped π", "seeds"]
+    body = table(header, rows)
+    # sample reviews: the run with the largest reward gain (seed 0), first prompts
+    seed0 = [r for r in allr if r.get("seed") == 0] or allr
+    best = max(seed0, key=lambda r: r["eval/reward/policy"])
+    samples = [json.loads(x) for x in (best.path / "samples.jsonl").read_text().splitlines()]
+    srows = [
+        [
+            _cell_text(_user_text(s["prompt"]), 60),
+            f"{s['reference_reward']:+.2f} {_cell_text(s['reference'])}",
+            f"{s['policy_reward']:+.2f} {_cell_text(s['policy'])}",
+        ]
+        for s in samples[:REAL_SAMPLES]
+    ]
+    body += (
+        f"\n\nSample reviews (held-out prompts, temperature 1, true reward in front) from the "
+        f"{best.get('loss.name')} β={best.get('beta'):g} run with seed 0, before (reference) "
+        "and after (policy):\n\n" + table(["prompt", "before", "after"], srows)
+    )
+    return body + (
+        "\n\nCells: mean ± 95% CI over seeds; KL as geometric mean ×/÷ its 95% factor; Δ log π: "
+        "the probe pairs' mean log-ratio to the reference at the end; capped: the share of "
+        "policy samples that reached the cap unfinished (their reward and KL are those of "
+        "prefixes). No run is left out."
+    )
+
+
 STUDY_FNS = {
     f.__name__: f
     for f in (
@@ -918,6 +1055,7 @@ STUDY_FNS = {
         kto_binary,
         closed_form,
         online_vs_offline,
+        real_sentiment,
     )
 }
 # the sweeps each study reads (its own, and the runs it shares)
@@ -929,6 +1067,7 @@ READS = {
     "kto_binary": ["beta_frontier", "kto_binary"],
     "closed_form": ["closed_form"],
     "online_vs_offline": ["beta_frontier", "online_vs_offline"],
+    "real_sentiment": ["real_sentiment"],
 }
 
 

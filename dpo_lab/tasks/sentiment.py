@@ -83,7 +83,11 @@ def reward(prompt: str, completion: str) -> float:
     review's sentiment share matters more than its length. The prompt does not affect the reward
     (it is an argument so the signature fits tasks where it would).
     """
-    words = completion.split()
+    return word_score(completion.split())
+
+
+def word_score(words: list[str]) -> float:
+    """``reward``'s score of a list of words (see there): words outside the lexicon count 0."""
     total, mass = 0.0, 0.0
     for i, word in enumerate(words):
         w = _WEIGHT.get(word)
