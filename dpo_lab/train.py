@@ -528,7 +528,7 @@ def _eval_reference(run: Run, policy: Any) -> Any:
         return module.reference.model
     if cfg.reference.name_or_path:
         source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
-        path = resolve_name_or_path(cfg.reference.name_or_path, source)
+        path = resolve_name_or_path(cfg.reference.name_or_path, source, "reference.name_or_path")
         return _load(cfg, path, cfg.reference.dtype)[1].eval()
     return _load(cfg, run.model_path, cfg.reference.dtype)[1].eval()
 

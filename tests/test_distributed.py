@@ -208,9 +208,15 @@ def start_weights(tmp_path: Path) -> dict[str, torch.Tensor]:
     )
 
 
+# LoRA in one DDP cell and the FSDP one: each precision with LoRA runs in one process
+# (tests/test_precision.py) and DDP with LoRA in 32-true (above); two more two-process LoRA
+# cells cost CI a minute and cover no other code path
+LORA_CELLS = (("ddp", "bf16-mixed"), ("fsdp", "bf16-true"))
+CELLS = [(c, "full") for c in MATRIX] + [(c, "lora") for c in LORA_CELLS]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["full", "lora"])
-@pytest.mark.parametrize("cell", list(MATRIX), ids=["-".join(c) for c in MATRIX])
+@pytest.mark.parametrize("cell, mode", CELLS, ids=["-".join((*c, m)) for c, m in CELLS])
 def test_precision_and_strategy_matrix(tmp_path, cell, mode, fp32_reference):
     """Each cell trains as one fp32 process with the same examples does: at step 0 the implicit
     reward is exactly 0 (the reference computes as the policy does), losses and gradient norms

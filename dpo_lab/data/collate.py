@@ -46,15 +46,23 @@ def render(tokenizer: Any, prompt: Any, completion: Any = None) -> tuple[str, st
 
 
 def end_at_turn(tokenizer: Any, text: str) -> str:
-    """``text`` cut after the chat template's end-of-turn token when only whitespace follows it
-    (ChatML's ``<|im_end|>\\n``): a response ends where generation stops, at that token, so
-    sampled and dataset completions are scored over the same tokens."""
+    """``text`` cut after the chat template's end-of-turn token when nothing but whitespace and
+    special tokens follows it (ChatML's ``<|im_end|>\\n``, Phi-3's ``<|end|>\\n<|endoftext|>``):
+    generation stops at that token, so sampled and dataset completions are scored over the same
+    tokens. Text after it is kept."""
     eot = chat_end_of_turn(tokenizer)
     if eot is None:
         return text
     mark = tokenizer.convert_ids_to_tokens(eot)
     k = text.rfind(mark)
-    return text[: k + len(mark)] if k >= 0 and not text[k + len(mark) :].strip() else text
+    if k < 0:
+        return text
+    rest = text[k + len(mark) :]
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials = {*tokenizer.all_special_tokens, *(t.content for t in added.values() if t.special)}
+    for special in specials:
+        rest = rest.replace(special, "")
+    return text[: k + len(mark)] if not rest.strip() else text
 
 
 def chat_end_of_turn(tokenizer: Any) -> int | None:

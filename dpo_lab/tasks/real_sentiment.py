@@ -16,7 +16,8 @@ sentiment classifier, and trains on them. Here:
   be ties with coin-flip labels;
 - the true reward is the embedded task's lexicon score (``sentiment.word_score``: 12 positive and
   12 negative adjectives, intensifiers, "not") on the response's lowercased words with
-  punctuation stripped (``text_reward``). Every word outside the lexicon counts 0 and adds no
+  punctuation stripped and "n't" read as "not" (``text_reward``). Every word outside the
+  lexicon counts 0 and adds no
   mass, so a review with no lexicon word scores 0 whatever it says;
 - each pair is labelled by a Bradley-Terry draw on that reward (``bt_temperature``), as in the
   embedded task.
@@ -45,7 +46,7 @@ from dpo_lab.cache import cache_root
 from dpo_lab.data.sources import PreferenceData
 from dpo_lab.tasks import sentiment
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 SYSTEM = (
     "You are a film critic. Answer in one short sentence, with adjectives such as great, "
     "wonderful, brilliant, dull, boring or awful."
@@ -60,11 +61,13 @@ TEMPLATES = (
 
 def text_reward(prompt: Any, completion: Any) -> float:
     """The lexicon sentiment score (``sentiment.word_score``) of free text, in (−1, 1): the
-    response's words lowercased with punctuation stripped ("Great!" counts as "great"). A
-    message list counts its messages' contents."""
+    response's words lowercased with punctuation stripped ("Great!" counts as "great") and
+    "n't" read as "not" ("isn't boring" is "is not boring", which the lexicon flips). A message
+    list counts its messages' contents."""
     if isinstance(completion, list):
         completion = " ".join(m["content"] for m in completion)
-    return sentiment.word_score(re.findall(r"[a-z]+", completion.lower()))
+    text = re.sub(r"n[’']t\b", " not", completion.lower())
+    return sentiment.word_score(re.findall(r"[a-z]+", text))
 
 
 def all_prompts() -> list[list[dict[str, str]]]:
@@ -86,7 +89,7 @@ def build(
     seed: int = 1234,
     n_held_out_prompts: int = 64,
     samples_per_prompt: int = 4,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 64,
     bt_temperature: float = 0.25,
     verbose: bool = True,
 ) -> Path:
@@ -100,7 +103,7 @@ def build(
     )
     from dpo_lab import pretrained
 
-    model_dir = pretrained.smollm2_dir(verbose=verbose)
+    model_dir = pretrained.smollm2_dir(key="dataset=real_sentiment", verbose=verbose)
     settings["model"] = model_dir.name  # the GGUF file's hash: other weights, other pairs
     blob = json.dumps({"v": BUILD_VERSION, **settings}, sort_keys=True)
     root = cache_root() / f"real_sentiment-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
@@ -129,11 +132,14 @@ def _pairs(model, tokenizer, prompts, rng, *, k, max_new_tokens, bt_temperature,
             continue
         done.sort(key=lambda x: (-x[0], x[1]))  # by reward, then in sampled order
         (ra, _, ya), (rb, _, yb) = done[0], done[-1]
-        if ra == rb:
-            (ra, _, ya), (rb, _, yb) = sorted(done, key=lambda x: x[1])[:2]
-        if ya == yb:
-            dropped["identical"] += 1
-            continue
+        if ra == rb:  # all tie: the first two different texts, in sampled order
+            firsts: dict[str, tuple] = {}
+            for x in sorted(done, key=lambda x: x[1]):
+                firsts.setdefault(x[2], x)
+            if len(firsts) < 2:
+                dropped["identical"] += 1
+                continue
+            (ra, _, ya), (rb, _, yb) = list(firsts.values())[:2]
         a_wins = rng.random() < 1.0 / (1.0 + math.exp(-(ra - rb) / bt_temperature))
         (yc, rc), (yr, rr) = ((ya, ra), (yb, rb)) if a_wins else ((yb, rb), (ya, ra))
         rows.append(
@@ -206,13 +212,14 @@ def _build(root: Path, model_dir: Path, settings: dict[str, Any], *, verbose: bo
             with open(tmp / f"{name}.jsonl", "w") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would shut out other users of the cache
         try:
             os.rename(tmp, root)
         except OSError:  # another process finished the same build first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+            if not (root / "meta.json").exists():
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if verbose:
         print(f"[dpo_lab] real_sentiment built in {meta['build_seconds']}s: {meta['pairs']}")
     return root
