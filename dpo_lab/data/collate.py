@@ -70,10 +70,11 @@ def chat_end_of_turn(tokenizer: Any) -> int | None:
     (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...). Computed once per tokenizer."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    template, eot = _END_OF_TURN.get(tokenizer, (None, None))
-    if template != tokenizer.chat_template:
-        template, eot = tokenizer.chat_template, _end_of_turn(tokenizer)
-        _END_OF_TURN[tokenizer] = (template, eot)
+    key = (tokenizer.chat_template, len(tokenizer))  # a new template or added tokens: again
+    cached, eot = _END_OF_TURN.get(tokenizer, (None, None))
+    if cached != key:
+        eot = _end_of_turn(tokenizer)
+        _END_OF_TURN[tokenizer] = (key, eot)
     return eot
 
 
