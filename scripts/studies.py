@@ -292,17 +292,20 @@ def _left_out(runs: list[Run]) -> str:
     return str(len(runs) - len(usable(runs)))
 
 
-def _errorbar_frontier(ax, runs: list[Run], metric: str, label: str, **kw) -> None:
-    """One point per β (usable runs): the geometric-mean KL ×/÷ its 95% factor and the mean
-    metric ± its 95% CI over seeds."""
+def _errorbar_frontier(
+    ax, runs: list[Run], metric: str, label: str, keep=usable, annotate: bool = False, **kw
+) -> None:
+    """One point per β (the runs ``keep`` keeps: by default the usable ones): the geometric-mean
+    KL ×/÷ its 95% factor and the mean metric ± its 95% CI over seeds; ``annotate`` writes each
+    point's β beside it."""
     pts = []
-    for g in by(usable(runs), "beta").values():
+    for (beta,), g in by(keep(runs), "beta").items():
         logs = [math.log(max(r["eval/kl"], KL_FLOOR)) for r in g]
         lm, lh, _ = ci95(logs)
         mx, mh, _ = ci95([r[metric] for r in g])
         lh, mh = (0.0 if math.isnan(lh) else lh), (0.0 if math.isnan(mh) else mh)
         k = math.exp(lm)
-        pts.append((k, mx, k - math.exp(lm - lh), math.exp(lm + lh) - k, mh))
+        pts.append((k, mx, k - math.exp(lm - lh), math.exp(lm + lh) - k, mh, beta))
     pts.sort()
     ax.errorbar(
         [p[0] for p in pts],
@@ -314,6 +317,8 @@ def _errorbar_frontier(ax, runs: list[Run], metric: str, label: str, **kw) -> No
         label=label,
         **kw,
     )
+    for p in pts if annotate else []:
+        ax.annotate(f"β={p[5]:g}", p[:2], fontsize=7, xytext=(4, -10), textcoords="offset points")
 
 
 def _reference_line(ax, runs: list[Run], label: str = "reference (SFT)") -> None:
@@ -929,29 +934,10 @@ def real_sentiment(runs: dict[str, list[Run]], out: Path) -> str:
     plt, fig, axes = _figure(3)
     colors = {"dpo": "tab:blue", "ipo": "tab:orange"}
     ax = axes[0]
-    for name, g in groups.items():
-        pts = []
-        for (beta,), gb in sorted(by(g, "beta").items()):
-            lm, lh, _ = ci95([math.log(max(r["eval/kl"], KL_FLOOR)) for r in gb])
-            m, h, _ = ci95([r["eval/reward/policy"] for r in gb])
-            lh, h = (0.0 if math.isnan(lh) else lh), (0.0 if math.isnan(h) else h)
-            k = math.exp(lm)
-            pts.append((k, m, k - math.exp(lm - lh), math.exp(lm + lh) - k, h, beta))
-        pts.sort()
-        ax.errorbar(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            xerr=[[p[2] for p in pts], [p[3] for p in pts]],
-            yerr=[p[4] for p in pts],
-            marker="o",
-            capsize=3,
-            label=name,
-            color=colors.get(name),
+    for name, g in groups.items():  # keep=list: every run (see the docstring)
+        _errorbar_frontier(
+            ax, g, "eval/reward/policy", name, keep=list, annotate=True, color=colors.get(name)
         )
-        for p in pts:
-            ax.annotate(
-                f"β={p[5]:g}", (p[0], p[1]), fontsize=7, xytext=(4, -10), textcoords="offset points"
-            )
     _reference_line(ax, runs["real_sentiment"], "reference (SmolLM2 as released)")
     ax.set_xscale("log")
     finish_figure(
