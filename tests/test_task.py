@@ -145,3 +145,30 @@ def test_smollm2_errors_name_the_setting_and_what_is_missing(monkeypatch, tmp_pa
     monkeypatch.setenv("DPO_LAB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match=r"needs the gguf package.*--no-deps"):
         pretrained.smollm2_dir(verbose=False)
+
+
+def test_build_into_puts_an_artifact_in_place_once(tmp_path, monkeypatch):
+    """The embedded task, the real task and the SmolLM2 conversion all build through it: a
+    finished build appears whole; a second builder that loses the race leaves the first's; a
+    failed build leaves nothing; a rename that fails for another reason is raised."""
+    import os
+
+    from dpo_lab.cache import build_into
+
+    root = tmp_path / "artifact"
+    with build_into(root, "done") as tmp:
+        (tmp / "done").write_text("first")
+    assert (root / "done").read_text() == "first" and oct(root.stat().st_mode)[-3:] == "755"
+    with build_into(root, "done") as tmp:  # lost the race: root exists, the rename fails
+        (tmp / "done").write_text("second")
+    assert (root / "done").read_text() == "first"
+    with pytest.raises(RuntimeError), build_into(tmp_path / "failed", "done"):
+        raise RuntimeError("the build broke")
+
+    def refuse(*a):
+        raise PermissionError("no")
+
+    monkeypatch.setattr(os, "rename", refuse)
+    with pytest.raises(PermissionError), build_into(tmp_path / "other", "done") as tmp:
+        (tmp / "done").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]  # no temporary left

@@ -28,21 +28,17 @@ Built once per settings into ``<cache root>/real_sentiment-<key>`` (``train.json
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import random
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpo_lab.cache import cache_root
+from dpo_lab.cache import build_into, cache_root, settings_key
 from dpo_lab.data.sources import PreferenceData
 from dpo_lab.tasks import sentiment
 
@@ -105,8 +101,7 @@ def build(
 
     model_dir = pretrained.smollm2_dir(key="dataset=real_sentiment", verbose=verbose)
     settings["model"] = model_dir.name  # the GGUF file's hash: other weights, other pairs
-    blob = json.dumps({"v": BUILD_VERSION, **settings}, sort_keys=True)
-    root = cache_root() / f"real_sentiment-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    root = cache_root() / f"real_sentiment-{settings_key(BUILD_VERSION, settings)}"
     if (root / "meta.json").exists():
         return root
     with torch.random.fork_rng(devices=[]):
@@ -205,21 +200,11 @@ def _build(root: Path, model_dir: Path, settings: dict[str, Any], *, verbose: bo
         },
         "build_seconds": round(time.time() - t0, 1),
     }
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
-    try:
+    with build_into(root, "meta.json") as tmp:
         for name, rows in (("train", train), ("val", val)):
             with open(tmp / f"{name}.jsonl", "w") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would shut out other users of the cache
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished the same build first; theirs is identical
-            if not (root / "meta.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f"[dpo_lab] real_sentiment built in {meta['build_seconds']}s: {meta['pairs']}")
     return root

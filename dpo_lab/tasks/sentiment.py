@@ -22,20 +22,16 @@ same ``from_pretrained`` and jsonl paths as real models and data sets.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpo_lab.cache import cache_root
+from dpo_lab.cache import build_into, cache_root, settings_key
 from dpo_lab.data.sources import PreferenceData
 
 BUILD_VERSION = 3  # bump when the grammar, reward or build procedure changes: new cache key
@@ -284,8 +280,7 @@ def _make_pairs(
 
 
 def cache_key(settings: dict[str, Any]) -> str:
-    blob = json.dumps({"v": BUILD_VERSION, **settings}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return settings_key(BUILD_VERSION, settings)
 
 
 def build(
@@ -391,9 +386,7 @@ def _build(root: Path, settings: dict[str, Any], *, verbose: bool) -> Path:
     )
     val, drop_val = _make_pairs(model, tokenizer, rng, n_val, prompts=held_out, split="val", **kw)
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
-    try:
+    with build_into(root, "meta.json") as tmp:
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         for name, rows in (("train", train), ("val", val)):
@@ -422,13 +415,6 @@ def _build(root: Path, settings: dict[str, Any], *, verbose: bool) -> Path:
             "build_seconds": {"sft": round(t_sft, 2), "total": round(time.time() - t0, 2)},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished the same build first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if verbose:
         print(
             f"[dpo_lab] built in {time.time() - t0:.1f}s: {meta['parameters']} params", flush=True
