@@ -475,25 +475,26 @@ def _probe_curves(run: Run) -> dict[str, dict[int, float]]:
     return curves
 
 
-def displacement(runs: dict[str, list[Run]], out: Path) -> str:
-    groups = {loss: g for (loss,), g in by(runs["displacement"], "loss.name").items()}
-    plt, fig, axes = _figure(2)
-    colors = dict(zip(groups, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False))
+def _logratio_panels(fig, axes, series: dict[str, tuple], out: Path, title: str) -> None:
+    """Two panels, chosen then rejected: each series' mean probe log-ratio to the reference
+    against step over its runs (``series``: label → (runs, plot keywords, whether to shade the
+    95% CI)); the figure is saved to ``out`` with the second."""
     for ax, side in zip(axes, ("chosen", "rejected"), strict=True):
-        for name, g in groups.items():
+        for label, (g, kw, band) in series.items():
             curves = [_probe_curves(r)[f"probe/logratios/{side}"] for r in g]
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             stats = [ci95([c[s] for c in curves]) for s in steps]
             m = [x[0] for x in stats]
-            h = [0 if math.isnan(x[1]) else x[1] for x in stats]
-            ax.plot(steps, m, color=colors[name], label=name)
-            ax.fill_between(
-                steps,
-                [a - b for a, b in zip(m, h, strict=True)],
-                [a + b for a, b in zip(m, h, strict=True)],
-                color=colors[name],
-                alpha=0.2,
-            )
+            ax.plot(steps, m, label=label, **kw)
+            if band:
+                h = [0 if math.isnan(x[1]) else x[1] for x in stats]
+                ax.fill_between(
+                    steps,
+                    [a - b for a, b in zip(m, h, strict=True)],
+                    [a + b for a, b in zip(m, h, strict=True)],
+                    color=kw["color"],
+                    alpha=0.2,
+                )
         ax.axhline(0, color="gray", ls="--", lw=1)
         finish_figure(
             fig,
@@ -501,8 +502,16 @@ def displacement(runs: dict[str, list[Run]], out: Path) -> str:
             out if side == "rejected" else None,
             xlabel="training step",
             ylabel=f"mean log π/π_ref of {side} (probe set)",
-            title=f"{side.capitalize()} completions (mean ± 95% CI)",
+            title=f"{side.capitalize()} {title}",
         )
+
+
+def displacement(runs: dict[str, list[Run]], out: Path) -> str:
+    groups = {loss: g for (loss,), g in by(runs["displacement"], "loss.name").items()}
+    plt, fig, axes = _figure(2)
+    colors = dict(zip(groups, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False))
+    series = {name: (g, {"color": colors[name]}, True) for name, g in groups.items()}
+    _logratio_panels(fig, axes, series, out, "completions (mean ± 95% CI)")
     rows = []
     for name, g in groups.items():
         rows.append(
@@ -949,27 +958,12 @@ def real_sentiment(runs: dict[str, list[Run]], out: Path) -> str:
         title="SmolLM2-135M: reward vs KL (mean ± 95% CI)",
     )
     styles = {0: "-", 1: "--"}
-    for ax, side in zip(axes[1:], ("chosen", "rejected"), strict=True):
-        for name, g in groups.items():
-            for i, ((beta,), gb) in enumerate(sorted(by(g, "beta").items())):
-                curves = [_probe_curves(r)[f"probe/logratios/{side}"] for r in gb]
-                steps = sorted(set.intersection(*(set(c) for c in curves)))
-                ax.plot(
-                    steps,
-                    [statistics.fmean(c[s] for c in curves) for s in steps],
-                    color=colors.get(name),
-                    ls=styles.get(i, ":"),
-                    label=f"{name} β={beta:g}",
-                )
-        ax.axhline(0, color="gray", ls="--", lw=1)
-        finish_figure(
-            fig,
-            ax,
-            out if side == "rejected" else None,
-            xlabel="training step",
-            ylabel=f"mean log π/π_ref of {side} (probe set)",
-            title=f"{side.capitalize()} responses (mean over seeds)",
-        )
+    series = {
+        f"{name} β={beta:g}": (gb, {"color": colors.get(name), "ls": styles.get(i, ":")}, False)
+        for name, g in groups.items()
+        for i, ((beta,), gb) in enumerate(sorted(by(g, "beta").items()))
+    }
+    _logratio_panels(fig, axes[1:], series, out, "responses (mean over seeds)")
     rows = []
     for name, g in groups.items():
         for (beta,), gb in sorted(by(g, "beta").items()):
