@@ -50,16 +50,11 @@ def end_at_turn(tokenizer: Any, text: str) -> str:
     special tokens follows it (ChatML's ``<|im_end|>\\n``, Phi-3's ``<|end|>\\n<|endoftext|>``):
     generation stops at that token, so sampled and dataset completions are scored over the same
     tokens. Text after it is kept."""
-    eot = chat_end_of_turn(tokenizer)
-    if eot is None:
-        return text
-    mark = tokenizer.convert_ids_to_tokens(eot)
-    k = text.rfind(mark)
+    eot, mark, specials = _turn(tokenizer)
+    k = text.rfind(mark) if eot is not None else -1
     if k < 0:
         return text
     rest = text[k + len(mark) :]
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    specials = {*tokenizer.all_special_tokens, *(t.content for t in added.values() if t.special)}
     for special in specials:
         rest = rest.replace(special, "")
     return text[: k + len(mark)] if not rest.strip() else text
@@ -68,14 +63,27 @@ def end_at_turn(tokenizer: Any, text: str) -> str:
 def chat_end_of_turn(tokenizer: Any) -> int | None:
     """The special token the chat template closes an assistant turn with, if it has one
     (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...). Computed once per tokenizer."""
+    return _turn(tokenizer)[0]
+
+
+def _turn(tokenizer: Any) -> tuple[int | None, str, set[str]]:
+    """(end-of-turn id, its text, every special token's text), once per tokenizer: every chat
+    row asks."""
     if not getattr(tokenizer, "chat_template", None):
-        return None
+        return None, "", set()
     key = (tokenizer.chat_template, len(tokenizer))  # a new template or added tokens: again
-    cached, eot = _END_OF_TURN.get(tokenizer, (None, None))
+    cached, turn = _END_OF_TURN.get(tokenizer, (None, None))
     if cached != key:
         eot = _end_of_turn(tokenizer)
-        _END_OF_TURN[tokenizer] = (key, eot)
-    return eot
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        specials = {
+            *tokenizer.all_special_tokens,
+            *(t.content for t in added.values() if t.special),
+        }
+        mark = tokenizer.convert_ids_to_tokens(eot) if eot is not None else ""
+        turn = (eot, mark, specials)
+        _END_OF_TURN[tokenizer] = (key, turn)
+    return turn
 
 
 _END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
