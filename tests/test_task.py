@@ -69,6 +69,53 @@ def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):
     assert meta["settings"]["n_train"] == 24 and "dropped_pairs" in meta
 
 
+def test_the_default_task_is_the_shipped_one_byte_for_byte(tmp_path, monkeypatch):
+    """The default settings install the packaged build (no build on this machine) and the files
+    are the pinned ones; the packaged model is tied and the pairs are the documented ones."""
+    monkeypatch.setenv("DPO_LAB_CACHE", str(tmp_path))
+    root = sentiment.build(verbose=False)
+    key = sentiment.cache_key(sentiment._default_settings())
+    assert sentiment.SHIPPED[key] == sentiment.artifact_digest(root)
+    assert root.name.startswith(f"sentiment-{key}-shipped-")
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["settings"] == sentiment._default_settings()
+    train = [json.loads(line) for line in (root / "train.jsonl").open()]
+    assert len(train) == 2000 and meta["label_agrees_with_reward"]["train"] == 0.7725
+    # a cache entry this machine built itself under the same key is not taken for it
+    (tmp_path / f"sentiment-{key}").mkdir()
+    (tmp_path / f"sentiment-{key}" / "meta.json").write_text("{}")
+    assert sentiment.build(verbose=False) == root
+
+
+def test_a_shipped_task_round_trips_and_a_damaged_one_is_refused(tmp_path, monkeypatch):
+    """pack → install gives the build's exact bytes; one changed byte is a clear error naming
+    both hashes; a missing shipped directory says to reinstall."""
+    monkeypatch.setenv("DPO_LAB_CACHE", str(tmp_path / "cache"))
+    built = sentiment.build(**SMALL)
+    key = built.name.removeprefix("sentiment-")
+    digest = sentiment.pack(built, tmp_path / "shipped" / f"sentiment-{key}")
+    assert (tmp_path / "shipped" / f"sentiment-{key}" / "train.jsonl.gz").exists()
+    monkeypatch.setattr(sentiment, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(sentiment, "SHIPPED", {key: digest})
+    installed = sentiment.build(**SMALL)
+    assert installed != built and sentiment.artifact_digest(installed) == digest
+    for name in ("train.jsonl", "val.jsonl", "model/model.safetensors"):
+        assert (installed / name).read_bytes() == (built / name).read_bytes()
+
+    monkeypatch.setenv("DPO_LAB_CACHE", str(tmp_path / "cache2"))
+    weights = tmp_path / "shipped" / f"sentiment-{key}" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=f"pins {digest[:16]}.*--ship"):
+        sentiment.build(**SMALL)
+    assert not list((tmp_path / "cache2").glob("sentiment-*"))  # nothing left in the cache
+
+    monkeypatch.setattr(sentiment, "SHIPPED_DIR", tmp_path / "nowhere")
+    with pytest.raises(RuntimeError, match="missing or incomplete; reinstall dpo_lab"):
+        sentiment.build(**SMALL)
+
+
 def test_unknown_generator_key_is_an_error():
     from dpo_lab.errors import ConfigError
 

@@ -18,13 +18,24 @@ reward is a lexicon score (``reward``), so any policy's quality is known exactly
 
 The SFT base is ``model=tiny`` and the pairs are ``dataset=sentiment``; both load through the
 same ``from_pretrained`` and jsonl paths as real models and data sets.
+
+The default settings' build ships with the package (``shipped/``, 0.6 MB, pinned by a sha256 in
+``SHIPPED``), because a build is deterministic on one machine but not across CPUs: floating-point
+differences in the SFT training give other weights, other samples and other labels. The default
+task is therefore installed from those files, byte for byte, on every machine; any other settings
+are built. ``python -m dpo_lab.tasks.sentiment --ship`` rebuilds the default and rewrites
+``shipped/``, printing the hash to pin.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import math
+import inspect
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -283,6 +294,17 @@ def cache_key(settings: dict[str, Any]) -> str:
     return settings_key(BUILD_VERSION, settings)
 
 
+DEFAULT_GENERATOR = {
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "intermediate_size": 256,
+    "sft_steps": 600,
+    "sft_batch_size": 64,
+    "sft_lr": 3e-3,
+}
+
+
 def build(
     *,
     seed: int = 1234,
@@ -306,15 +328,7 @@ def build(
     warrants: the Bradley-Terry logit gains ``length_bias`` per word of length difference (the
     ``length_bias`` study). The reward itself is unchanged.
     """
-    gen = {
-        "hidden_size": 64,
-        "num_layers": 2,
-        "num_heads": 4,
-        "intermediate_size": 256,
-        "sft_steps": 600,
-        "sft_batch_size": 64,
-        "sft_lr": 3e-3,
-    }
+    gen = dict(DEFAULT_GENERATOR)
     unknown = set(generator or {}) - set(gen)
     if unknown:
         from dpo_lab.errors import ConfigError
@@ -334,7 +348,10 @@ def build(
     )
     if length_bias:  # only when set, so the default task keeps its cache key
         settings["length_bias"] = length_bias
-    root = cache_root() / f"sentiment-{cache_key(settings)}"
+    key = cache_key(settings)
+    if key in SHIPPED:  # the default task: the same bytes on every machine (see ``install``)
+        return install(key, verbose=verbose)
+    root = cache_root() / f"sentiment-{key}"
     if (root / "meta.json").exists():
         return root
     # The build seeds torch itself; it must not move the caller's RNG, or a run that builds the
@@ -422,6 +439,104 @@ def _build(root: Path, settings: dict[str, Any], *, verbose: bool) -> Path:
     return root
 
 
+# The default settings' cache key → sha256 of its files (``artifact_digest``), as built on the
+# project's 2-core CPU machine with torch 2.13.0 (2026-11-26) and shipped in ``shipped/``.
+SHIPPED = {
+    "5cdb078828c22112": "d1e3c61ade57afc778a62324e59585215ed621ddf0534dee2b304b4622eeba36"
+}
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+_GZIPPED = (".jsonl",)  # stored gzipped in shipped/ (the weights do not compress)
+
+
+def artifact_digest(root: Path) -> str:
+    """sha256 over every file of a built task (relative path and content), in path order."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def install(key: str, *, verbose: bool = True) -> Path:
+    """The shipped build of ``key`` in the cache, unpacked from ``shipped/`` on first use and
+    checked against ``SHIPPED``. Its directory name carries the hash, so a build this machine
+    made of the same settings before the task shipped is never taken for it."""
+    digest = SHIPPED[key]
+    root = cache_root() / f"sentiment-{key}-shipped-{digest[:12]}"
+    if (root / "meta.json").exists():
+        return root
+    src = SHIPPED_DIR / f"sentiment-{key}"
+    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else []
+    if not any(p.name == "meta.json" for p in files):
+        raise RuntimeError(
+            f"the default sentiment task should ship in {src}, which is missing or incomplete; "
+            "reinstall dpo_lab (its package data holds it)"
+        )
+    with build_into(root, "meta.json") as tmp:
+        for path in files:
+            rel = path.relative_to(src)
+            data = path.read_bytes()
+            if rel.suffix == ".gz":
+                data, rel = gzip.decompress(data), rel.with_suffix("")
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        got = artifact_digest(tmp)
+        if got != digest:
+            raise RuntimeError(
+                f"the shipped default task in {src} has sha256 {got[:16]}..., but SHIPPED in "
+                f"{__file__} pins {digest[:16]}...: its files are damaged or were regenerated "
+                "without pinning the new hash; reinstall dpo_lab, or run "
+                "`python -m dpo_lab.tasks.sentiment --ship` and pin the hash it prints"
+            )
+    if verbose:
+        print(f"[dpo_lab] installed the shipped default sentiment task into {root}", flush=True)
+    return root
+
+
+def pack(built: Path, dest: Path) -> str:
+    """Write the built task ``built`` into ``dest`` in the shipped layout (jsonl gzipped, with no
+    timestamp, so packing is deterministic); returns its ``artifact_digest``."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    for path in sorted(p for p in built.rglob("*") if p.is_file()):
+        rel = path.relative_to(built)
+        out = dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if rel.suffix in _GZIPPED:
+            with open(out.with_name(out.name + ".gz"), "wb") as f:
+                f.write(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0))
+        else:
+            shutil.copyfile(path, out)
+    return artifact_digest(built)
+
+
+def ship(dest: Path = SHIPPED_DIR) -> tuple[str, str]:
+    """Build the default task from scratch on this machine and pack it into ``dest``; returns
+    (cache key, digest to pin in ``SHIPPED``)."""
+    import tempfile
+
+    settings = _default_settings()
+    key = cache_key(settings)
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
+        built = _build(Path(tmp) / f"sentiment-{key}", settings, verbose=True)
+        return key, pack(built, dest / f"sentiment-{key}")
+
+
+def _default_settings() -> dict[str, Any]:
+    sig = inspect.signature(build)
+    defaults = {k: p.default for k, p in sig.parameters.items() if k != "verbose"}
+    gen = dict(DEFAULT_GENERATOR)
+    return dict(
+        seed=defaults["seed"],
+        n_sft=defaults["n_sft"],
+        n_train=defaults["n_train"],
+        n_val=defaults["n_val"],
+        max_new_tokens=defaults["max_new_tokens"],
+        bt_temperature=defaults["bt_temperature"],
+        generator=gen,
+    )
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -467,3 +582,14 @@ def load(*, feedback: str = "pairs", **settings: Any) -> PreferenceData:
         train = binary_feedback(train, temperature=t, seed=seed)
         val = binary_feedback(val, temperature=t, seed=seed + 1)
     return PreferenceData(train, val, reward_fn=reward)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ship", action="store_true", help="rebuild the default and rewrite shipped/")
+    args = parser.parse_args()
+    if args.ship:
+        key, digest = ship()
+        print(f"packed sentiment-{key} into {SHIPPED_DIR}; pin it in SHIPPED: {key!r}: {digest!r}")
