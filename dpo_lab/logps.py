@@ -147,7 +147,9 @@ def completion_logps(
     chunk_size: int = 1024,
     lean: bool = True,
     recompute: bool = True,
-) -> tuple[Tensor, Tensor]:
+    first: Tensor | None = None,
+    aligned: bool = False,
+) -> tuple[Tensor, ...]:
     """Summed log-probs of each row's completion tokens and their count.
 
     Args:
@@ -161,6 +163,10 @@ def completion_logps(
         lean: use the lean path where the model allows it (``False`` forces the naive path).
         recompute: on the lean path, recompute each chunk's logits in backward instead of keeping
             them (``_LinearLogProbs``): peak memory holds one (chunk, V) block, not (M, V).
+        first: (N,) where given, also the sums over each sequence's first ``first[i]``
+            completion tokens (LD-DPO's shared-length prefix), as a third result.
+        aligned: also, detached, each sequence's mean over its completion tokens of
+            log π(y_t) − log Σ_v π(v)² (WPO's sampled-alignment log-weight), as the last result.
 
     Returns:
         logps: (N,) fp32, sum over completion tokens of log π(token | preceding tokens).
@@ -185,10 +191,25 @@ def completion_logps(
             token_logps = _LinearLogProbs.apply(h, head.weight, head.bias, y, chunk_size)
         else:
             token_logps = _gather_logps(head, h, y, chunk_size)  # (M,)
+        if aligned:
+            with torch.no_grad():  # log Σ_v p_v² = logsumexp(2z) − 2·logsumexp(z), by chunks
+                sq = (
+                    torch.cat(
+                        [
+                            torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
+                            for z in (head(c).float() for c in h.split(chunk_size))
+                        ]
+                    )
+                    if h.shape[0]
+                    else h.new_zeros(0, dtype=torch.float32)
+                )
     else:
         logits = model(**inputs).logits
         logprobs = logits[:, :-1].float().log_softmax(-1)  # (N, T-1, V)
         token_logps = logprobs.gather(-1, targets[..., None]).squeeze(-1)[mask]  # (M,)
+        if aligned:
+            with torch.no_grad():
+                sq = torch.logsumexp(2 * logprobs[mask], -1)  # (M,) log Σ_v p_v²
     if cu_seq_lens is None:
         rows = mask.nonzero(as_tuple=True)[0]  # (M,) row of each completion token
         n, tokens = input_ids.shape[0], mask.sum(-1)
@@ -196,7 +217,17 @@ def completion_logps(
         rows, n = _packed_rows(mask, cu_seq_lens), cu_seq_lens.shape[0] - 1
         tokens = _count(rows, n)
     logps = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
-    return logps.index_add(0, rows, token_logps), tokens
+    out: tuple[Tensor, ...] = (logps.index_add(0, rows, token_logps), tokens)
+    if first is not None:
+        # each token's place in its own completion: tokens come in row order, row by row
+        place = torch.arange(rows.shape[0], device=rows.device) - (tokens.cumsum(0) - tokens)[rows]
+        kept = torch.where(place < first.to(rows.device)[rows], token_logps, 0.0)
+        out += (torch.zeros_like(logps).index_add(0, rows, kept),)
+    if aligned:
+        per_token = (token_logps.detach().float() - sq).to(logps.dtype)
+        total = torch.zeros_like(logps).index_add(0, rows, per_token)
+        out += (total / tokens.clamp(min=1).to(total.dtype),)
+    return out
 
 
 def _packed_rows(mask: Tensor, cu_seq_lens: Tensor) -> Tensor:
@@ -256,13 +287,30 @@ def _inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     }
 
 
-def paired_logps(model: nn.Module, batch: dict[str, Any], **kwargs: Any) -> PairedLogps:
+def paired_logps(
+    model: nn.Module, batch: dict[str, Any], aligned: bool = False, **kwargs: Any
+) -> PairedLogps:
     """Chosen and rejected log-probs from one forward over the concatenated (2B, T) block of a
-    ``PreferenceCollator`` batch: rows [0, B) are chosen, [B, 2B) rejected. ``kwargs`` go to
-    ``completion_logps``."""
-    logps, tokens = completion_logps(model, **_inputs(batch), **kwargs)
-    B = logps.shape[0] // 2
-    return PairedLogps(logps[:B], logps[B:], tokens[:B], tokens[B:])
+    ``PreferenceCollator`` batch: rows [0, B) are chosen, [B, 2B) rejected, with each side's sum
+    over the length both share (LD-DPO) and, with ``aligned``, WPO's log-weights. ``kwargs`` go
+    to ``completion_logps``."""
+    counts = completion_tokens(batch)
+    B = counts.shape[0] // 2
+    shared = torch.minimum(counts[:B], counts[B:]).repeat(2)  # the length both completions have
+    logps, tokens, prefix, *weights = completion_logps(
+        model, **_inputs(batch), first=shared, aligned=aligned, **kwargs
+    )
+    w = weights[0] if weights else None
+    return PairedLogps(
+        logps[:B],
+        logps[B:],
+        tokens[:B],
+        tokens[B:],
+        prefix[:B],
+        prefix[B:],
+        None if w is None else w[:B],
+        None if w is None else w[B:],
+    )
 
 
 def unpaired_logps(model: nn.Module, batch: dict[str, Any], **kwargs: Any) -> UnpairedLogps:

@@ -13,14 +13,16 @@ so ``logps / tokens`` is the per-token average. Shapes are ``(B,)`` throughout.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dpo_lab.errors import ConfigError
 
@@ -34,12 +36,24 @@ class PairedLogps:
         rejected: (B,) summed log-probs of the rejected completions' tokens.
         chosen_tokens: (B,) number of completion tokens of each chosen completion.
         rejected_tokens: (B,) likewise for rejected.
+        chosen_shared: (B,) summed log-probs of the chosen completion's first
+            min(|y_c|, |y_r|) tokens, the length both completions share (LD-DPO); None where only
+            sums are known (a precomputed reference).
+        rejected_shared: (B,) likewise for rejected.
+        chosen_aligned: (B,) detached, the mean over the chosen completion's tokens of
+            log π(y_t) − log Σ_v π(v)², WPO's log-weight; None unless the loss declares
+            ``aligned`` (it costs one more LM-head pass without gradient).
+        rejected_aligned: (B,) likewise for rejected.
     """
 
     chosen: Tensor
     rejected: Tensor
     chosen_tokens: Tensor
     rejected_tokens: Tensor
+    chosen_shared: Tensor | None = None
+    rejected_shared: Tensor | None = None
+    chosen_aligned: Tensor | None = None
+    rejected_aligned: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -88,16 +102,44 @@ class LossSpec:
     reference: bool  # needs a reference model (or cached reference log-probs)
     data: str  # "paired" or "unpaired"
     params: Mapping[str, inspect.Parameter]  # keyword-only hyperparameters
+    state: Callable[[], nn.Module] | None = None  # makes the loss's state across steps
+    batchwise: bool = False  # losses[i] is not example i's (AOT sorts the batch)
+    token_split: bool = False  # reads chosen_shared/rejected_shared: no precomputed reference
+    aligned: bool = False  # reads chosen_aligned/rejected_aligned: the policy computes them
 
-    def __call__(self, policy: Any, reference: Any, **kwargs: Any) -> LossOutput:
+    def __call__(
+        self, policy: Any, reference: Any, state: nn.Module | None = None, **kwargs: Any
+    ) -> LossOutput:
+        """``state``: the run's ``self.state()`` for a loss that declares one (a fresh one, in
+        eval mode so it is only read, where None is given); ignored otherwise."""
+        if self.state is not None:
+            kwargs["state"] = state if state is not None else self.state().eval()
         return self.fn(policy, reference, **kwargs)
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, *, reference: bool, data: str = "paired") -> Callable:
-    """Register ``fn(policy, reference, *, **hyperparameters) -> LossOutput`` under ``name``."""
+def register_loss(
+    name: str,
+    *,
+    reference: bool,
+    data: str = "paired",
+    state: Callable[[], nn.Module] | None = None,
+    batchwise: bool = False,
+    token_split: bool = False,
+) -> Callable:
+    """Register ``fn(policy, reference, *, **hyperparameters) -> LossOutput`` under ``name``.
+
+    What a loss needs beyond its log-probs it declares here, and the module reads it, never the
+    name: ``reference`` (a reference model or its cached log-probs), ``data`` (paired or
+    unpaired), ``state`` (a factory of an ``nn.Module`` whose buffers carry the loss's state
+    across steps, such as BCO's running reward mean: the module owns one, so it moves with the
+    model, follows train/eval mode, and is saved in checkpoints; the function takes it as the
+    keyword ``state``, which is not a config key), ``batchwise`` (the per-row losses are not
+    per-example, so no per-example weighting applies) and ``token_split`` (it needs each
+    completion's shared-length prefix, which a precomputed reference does not keep).
+    """
     if data not in ("paired", "unpaired"):
         raise ValueError(f"data must be 'paired' or 'unpaired', got {data!r}")
 
@@ -106,9 +148,13 @@ def register_loss(name: str, *, reference: bool, data: str = "paired") -> Callab
             raise ValueError(f"loss {name!r} is registered twice")
         sig = inspect.signature(fn)
         params = {
-            k: p for k, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+            k: p
+            for k, p in sig.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "state"
         }
-        LOSSES[name] = LossSpec(name, fn, reference, data, params)
+        if (state is None) == ("state" in sig.parameters):
+            raise ValueError(f"loss {name!r}: declare state= exactly when fn takes `state`")
+        LOSSES[name] = LossSpec(name, fn, reference, data, params, state, batchwise, token_split)
         return fn
 
     return wrap
@@ -146,6 +192,148 @@ def bind_loss_kwargs(spec: LossSpec, given: Mapping[str, Any]) -> dict[str, Any]
     return dict(given)
 
 
+MIX = "mix"
+WEIGHTINGS = ("wpo",)
+
+
+def resolve(name: str, given: Mapping[str, Any]) -> tuple[LossSpec, dict[str, Any]]:
+    """The loss a ``loss`` config names and its bound kwargs: a registered loss, ``mix`` (a
+    weighted sum of registered losses, ``mixture``), either one under ``weighting: wpo``
+    (``wpo_weighted``). Unknown keys, names and options are ConfigErrors naming the key."""
+    given = dict(given)
+    weighting = given.pop("weighting", None)
+    if name == MIX:
+        spec, kwargs = mixture(given)
+    else:
+        spec = get_loss(name)
+        kwargs = bind_loss_kwargs(spec, given)
+    if weighting is None:
+        return spec, kwargs
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"loss.weighting={weighting!r}: expected null or one of {WEIGHTINGS}")
+    return wpo_weighted(spec), kwargs
+
+
+def wpo_weighted(spec: LossSpec) -> LossSpec:
+    """``spec`` with each pair's loss weighted as in WPO (Zhou et al. 2024, "WPO: Enhancing RLHF
+    with Weighted Preference Optimization", arXiv:2406.11827, Eq. 3 with the sampled alignment
+    of Sec. 3.2): by w(y_c)·w(y_r), with
+    w(y) = exp((1/|y|)·Σ_t [log π(y_t) − log Σ_v π(v)²]), under the current policy and detached.
+    A pair the policy would itself be likely to produce counts more, simulating on-policy data;
+    the alignment term makes a completion sampled from the policy weigh about 1 whatever the
+    policy's entropy. Same as TRL's ``use_weighting``. Any paired loss except the batchwise ones
+    (AOT sorts the batch, so its rows are not pairs); the weights are logged as
+    ``wpo_weight``."""
+    if spec.data != "paired" or spec.batchwise:
+        raise ConfigError(
+            f"loss.weighting=wpo weights pairs; loss={spec.name} "
+            + (
+                "takes unpaired data"
+                if spec.data != "paired"
+                else "sorts the batch (its losses are per quantile, not per pair)"
+            )
+        )
+
+    def fn(policy: PairedLogps, reference: Any, **kwargs: Any) -> LossOutput:
+        if policy.chosen_aligned is None or policy.rejected_aligned is None:
+            raise ValueError("loss.weighting=wpo needs the policy's aligned log-probs")
+        out = spec(policy, reference, **kwargs)
+        weights = torch.exp(policy.chosen_aligned + policy.rejected_aligned).detach()
+        out.losses = out.losses * weights.to(out.losses.dtype)
+        out.metrics["wpo_weight"] = weights.mean()
+        return out
+
+    return dataclasses.replace(spec, fn=fn, aligned=True)
+
+
+def mixture(given: Mapping[str, Any]) -> tuple[LossSpec, dict[str, Any]]:
+    """``loss=mix``: a weighted sum of registered paired losses, Σ_k w_k·L_k per pair.
+
+    ``given``: ``beta`` (the run's β, passed to every component that takes one) and
+    ``components``, a list of ``{name, weight, <that loss's own keys>}``; each component's keys
+    are checked against its function as a single loss's are. MPO (Wang et al. 2024,
+    arXiv:2411.10442) is dpo 0.8 + bco_pair 0.2 + sft 1.0 (``conf/loss/mix.yaml``). The mixture
+    needs a reference where any component does, and carries each component's state. Each
+    component's per-pair loss is logged as ``loss/<name>`` and its extras as ``<name>/<key>``;
+    the rewards are the first component's.
+    """
+    given = dict(given)
+    beta = given.pop("beta", None)
+    components = given.pop("components", None)
+    if given:
+        raise ConfigError(
+            f"loss=mix: unknown key(s) {', '.join('loss.' + k for k in sorted(given))}; "
+            "accepted: beta, components, weighting"
+        )
+    if not components:
+        raise ConfigError("loss=mix needs loss.components: a list of {name, weight, ...}")
+    parts: list[tuple[str, float, LossSpec, dict[str, Any]]] = []
+    for i, comp in enumerate(components):
+        where = f"loss.components[{i}]"
+        if not isinstance(comp, Mapping) or "name" not in comp:
+            raise ConfigError(
+                f"{where}: expected {{name: <loss>, weight: <number>, ...}}, got {comp!r}"
+            )
+        comp = dict(comp)
+        name, weight = comp.pop("name"), comp.pop("weight", 1.0)
+        if name == MIX or name not in LOSSES:
+            raise ConfigError(
+                f"{where}.name={name!r} is not a registered loss; registered: "
+                f"{', '.join(sorted(LOSSES))}"
+            )
+        spec = LOSSES[name]
+        if spec.data != "paired":
+            raise ConfigError(f"{where}.name={name}: a mixture takes paired losses only")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"{where}.weight must be a number >= 0, got {weight!r}")
+        if name in {p[0] for p in parts}:
+            raise ConfigError(f"{where}.name={name} appears twice; merge their weights")
+        if "beta" in spec.params:
+            if "beta" in comp:
+                raise ConfigError(f"{where}.beta: every component takes the run's beta")
+            comp["beta"] = beta
+        try:
+            kwargs = bind_loss_kwargs(spec, comp)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        parts.append((name, float(weight), spec, kwargs))
+    stateful = [(name, spec.state) for name, _, spec, _ in parts if spec.state is not None]
+
+    def make_state() -> nn.Module:
+        return nn.ModuleDict({n: factory() for n, factory in stateful})
+
+    def fn(policy: PairedLogps, reference: Any, *, state: Any = None, **_: Any) -> LossOutput:
+        total: Tensor | None = None
+        first: LossOutput | None = None
+        metrics: dict[str, Tensor] = {}
+        for name, weight, spec, kwargs in parts:
+            sub = None if state is None or name not in state else state[name]
+            out = spec(policy, reference if spec.reference else None, state=sub, **kwargs)
+            total = weight * out.losses if total is None else total + weight * out.losses
+            metrics[f"loss/{name}"] = out.losses.detach().mean()
+            metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
+            first = first or out
+        assert total is not None and first is not None
+        return LossOutput(total, first.chosen_rewards, first.rejected_rewards, metrics)
+
+    takes_beta = any("beta" in p[2].params for p in parts)
+    params = (
+        {"beta": inspect.Parameter("beta", inspect.Parameter.KEYWORD_ONLY)} if takes_beta else {}
+    )
+    spec = LossSpec(
+        MIX,
+        fn,
+        reference=any(p[2].reference for p in parts),
+        data="paired",
+        params=params,
+        state=make_state if stateful else None,
+        batchwise=any(p[2].batchwise for p in parts),
+        token_split=any(p[2].token_split for p in parts),
+        aligned=any(p[2].aligned for p in parts),
+    )
+    return spec, ({"beta": beta} if takes_beta else {})
+
+
 def _check_beta(beta: float) -> None:
     if not beta > 0:
         raise ConfigError(f"beta must be > 0, got {beta}")
@@ -169,8 +357,11 @@ def dpo(
     beta: float,
     label_smoothing: float = 0.0,
     robust: bool = False,
+    divergence: str = "reverse_kl",
+    divergence_alpha: float = 0.5,
 ) -> LossOutput:
-    """DPO (Rafailov et al. 2023, arXiv:2305.18290), Eq. 7, with the two noisy-label variants.
+    """DPO (Rafailov et al. 2023, arXiv:2305.18290), Eq. 7, with the two noisy-label variants
+    and the f-divergence family.
 
     With h = [log π(y_c) − log π_ref(y_c)] − [log π(y_r) − log π_ref(y_r)] and ε = label_smoothing:
 
@@ -181,13 +372,25 @@ def dpo(
       the clean loss under flip rate ε, ``[(1−ε)·(−log σ(β·h)) − ε·(−log σ(−β·h))] / (1 − 2ε)``.
       It can be negative per example; needs ε < 1/2.
 
-    Same as TRL's ``sigmoid`` and ``robust`` loss types. Rewards are β·(log-ratio), detached.
+    ``divergence`` (f-DPO, Wang et al. 2023, "Beyond Reverse KL", arXiv:2309.16240, Table 1):
+    the KL(π‖π_ref) of the RLHF objective replaced by another f-divergence, which puts f′ of the
+    density ratio u = π/π_ref where DPO has log u: h = f′(u_c) − f′(u_r), with
+    ``reverse_kl`` f′(u) = log u (DPO itself), ``forward_kl`` f′(u) = 1 − 1/u,
+    ``js_divergence`` f′(u) = log(2u/(1+u)) and ``alpha_divergence`` (α = divergence_alpha in
+    (0, 1)) f′(u) = (1 − u^(−α))/α. Only the chosen−rejected difference is valid for f ≠ reverse
+    KL (the partition term cancels only there), so the implicit rewards stay β·(log-ratio).
+    TRL's ``f_divergence_type`` writes the α-divergence as (u^(α−1) − 1)/(α − 1), the same
+    function with α ↦ 1 − α: our α = 0.5 is theirs too, in general ours = 1 − theirs.
+
+    Same as TRL's ``sigmoid`` and ``robust`` loss types (TRL 1.16's ``sigmoid`` no longer
+    applies ``label_smoothing``: cDPO is ours alone there). Rewards are β·(log-ratio), detached.
     """
     _check_beta(beta)
     if not 0.0 <= label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {label_smoothing}")
     chosen_lr, rejected_lr = _log_ratios(policy, reference)
-    logits = beta * (chosen_lr - rejected_lr)  # (B,)
+    f = _f_prime(divergence, divergence_alpha)
+    logits = beta * (f(chosen_lr) - f(rejected_lr))  # (B,)
     wrong, right = -F.logsigmoid(-logits), -F.logsigmoid(logits)
     if robust:
         losses = ((1 - label_smoothing) * right - label_smoothing * wrong) / (
@@ -196,6 +399,24 @@ def dpo(
     else:
         losses = (1 - label_smoothing) * right + label_smoothing * wrong
     return LossOutput(losses, (beta * chosen_lr).detach(), (beta * rejected_lr).detach())
+
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def _f_prime(divergence: str, alpha: float) -> Callable[[Tensor], Tensor]:
+    """f′(u) as a function of log u, for the f-divergences of f-DPO (see ``dpo``)."""
+    if divergence == "reverse_kl":
+        return lambda lr: lr
+    if divergence == "forward_kl":
+        return lambda lr: -torch.expm1(-lr)  # 1 − 1/u
+    if divergence == "js_divergence":
+        return lambda lr: math.log(2) + F.logsigmoid(lr)
+    if divergence == "alpha_divergence":
+        if not 0.0 < alpha < 1.0:
+            raise ConfigError(f"loss.divergence_alpha must be in (0, 1), got {alpha}")
+        return lambda lr: -torch.expm1(-alpha * lr) / alpha  # (1 − u^−α)/α, exact at small α
+    raise ConfigError(f"loss.divergence={divergence!r}: expected one of {', '.join(DIVERGENCES)}")
 
 
 @register_loss("ipo", reference=True)
@@ -284,6 +505,289 @@ def rpo(
     )
 
 
+def _rewards(beta: float, chosen_lr: Tensor, rejected_lr: Tensor, **metrics: Tensor) -> LossOutput:
+    """An output's detached β·(log-ratio) rewards, around ``losses`` filled in by the caller."""
+    return LossOutput(
+        torch.empty(0),
+        (beta * chosen_lr).detach(),
+        (beta * rejected_lr).detach(),
+        {k: v.detach().mean() for k, v in metrics.items()},
+    )
+
+
+def _with(out: LossOutput, losses: Tensor) -> LossOutput:
+    out.losses = losses
+    return out
+
+
+@register_loss("exo_pair", reference=True)
+def exo_pair(
+    policy: PairedLogps, reference: PairedLogps, *, beta: float, label_smoothing: float = 1e-3
+) -> LossOutput:
+    """EXO, pair form (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model
+    Alignment", arXiv:2402.00856, Eq. 16 with K = 2).
+
+    The reverse KL from the policy's distribution over the pair, q = softmax(β·log-ratio) over
+    {y_c, y_r} (so q_c = σ(β·h)), to the labels' p = (1 − ε, ε):
+    ``q_c·(log q_c − log(1−ε)) + q_r·(log q_r − log ε)``. Where DPO minimizes the forward
+    cross-entropy (mean-seeking), EXO is mode-seeking. ε > 0 is required (ε = 0 makes log ε
+    infinite); 1e-3 is the paper's value. Same as TRL's ``exo_pair`` (which uses the one β the
+    paper splits into β_π and β_r). Rewards are β·(log-ratio), detached.
+    """
+    _check_beta(beta)
+    if not 0.0 < label_smoothing < 0.5:
+        raise ConfigError(
+            f"loss.label_smoothing must be in (0, 0.5) for exo_pair, got {label_smoothing}"
+        )
+    chosen_lr, rejected_lr = _log_ratios(policy, reference)
+    z = beta * (chosen_lr - rejected_lr)
+    log_qc, log_qr = F.logsigmoid(z), F.logsigmoid(-z)
+    losses = log_qc.exp() * (log_qc - math.log1p(-label_smoothing)) + log_qr.exp() * (
+        log_qr - math.log(label_smoothing)
+    )
+    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+
+
+@register_loss("nca_pair", reference=True)
+def nca_pair(policy: PairedLogps, reference: PairedLogps, *, beta: float) -> LossOutput:
+    """NCA, pair form (Chen et al. 2024, "Noise Contrastive Alignment of Language Models with
+    Explicit Rewards", arXiv:2402.05369, Eq. 11 with K = 2 and binary preference labels).
+
+    With r = β·(log-ratio): ``−log σ(r_c) − ½·log σ(−r_c) − ½·log σ(−r_r)``. It scores each
+    completion's reward on its own, not only their difference, so (unlike DPO) it keeps the
+    chosen completion's likelihood from falling. Same as TRL's ``nca_pair``. Rewards are r,
+    detached.
+    """
+    _check_beta(beta)
+    chosen_lr, rejected_lr = _log_ratios(policy, reference)
+    rc, rr = beta * chosen_lr, beta * rejected_lr
+    losses = -F.logsigmoid(rc) - 0.5 * F.logsigmoid(-rc) - 0.5 * F.logsigmoid(-rr)
+    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+
+
+class RunningMean(nn.Module):
+    """A running mean of every value seen in training, over every process: BCO's reward shift δ.
+
+    Buffers, so it moves with the module and is saved in (and restored from) checkpoints. In
+    train mode ``update`` folds the batch in (gathered over processes first, so every process
+    keeps the same δ) and returns the new mean; in eval mode it returns the mean unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RunningMean:
+        """Moves with the module but stays float64 (``bf16-true`` casts the whole module)."""
+        super()._apply(fn, recurse)
+        self.mean, self.count = self.mean.double(), self.count.double()
+        return self
+
+    def update(self, values: Tensor) -> Tensor:
+        if self.training:
+            from dpo_lab.sharding import all_gather_ragged
+
+            values = all_gather_ragged(values.detach().double())
+            n = values.numel()
+            if n:
+                self.count += n
+                self.mean += (values.mean() - self.mean) * (n / self.count)
+        return self.mean
+
+
+@register_loss("bco_pair", reference=True, state=RunningMean)
+def bco_pair(
+    policy: PairedLogps, reference: PairedLogps, *, beta: float, state: RunningMean
+) -> LossOutput:
+    """BCO, pair form (Jung et al. 2024, "Binary Classifier Optimization for Large Language Model
+    Alignment", arXiv:2404.04656, Eqs. 6–9).
+
+    The implicit reward r = β·(log-ratio) trained as a binary classifier's logit, chosen as
+    class 1 and rejected as class 0, around a reward shift δ:
+    ``−log σ(r_c − δ) − log σ(−(r_r − δ))``. δ is the running mean of every reward (chosen and
+    rejected) seen in training so far, this batch included, over every process (``RunningMean``,
+    kept in the checkpoint); validation reads δ without moving it. As TRL's BCO trainer, which
+    updates its running moments before computing the loss. TRL's DPO ``bco_pair`` loss type
+    leaves δ out (δ = 0). Rewards are r, detached; δ is logged as ``delta``.
+    """
+    _check_beta(beta)
+    chosen_lr, rejected_lr = _log_ratios(policy, reference)
+    rc, rr = beta * chosen_lr, beta * rejected_lr
+    delta = state.update(torch.cat([rc, rr])).to(rc.dtype)
+    losses = -F.logsigmoid(rc - delta) - F.logsigmoid(-(rr - delta))
+    out = _rewards(beta, chosen_lr, rejected_lr)
+    out.metrics["delta"] = delta.detach().float()
+    return _with(out, losses)
+
+
+@register_loss("sppo_hard", reference=True)
+def sppo_hard(policy: PairedLogps, reference: PairedLogps, *, beta: float) -> LossOutput:
+    """SPPO with hard labels (Wu et al. 2024, "Self-Play Preference Optimization for Language
+    Model Alignment", arXiv:2405.00675, Eq. 4.7 with P(y_c ≻ y_r) set to 1 and P(y_r ≻ y_c) to 0).
+
+    ``(log-ratio_c − 1/(2β))² + (log-ratio_r + 1/(2β))²``: each completion's log-ratio is
+    regressed to its own target, ±1/(2β) (the paper's η = 1/β and its P − ½). The paper's soft
+    version takes P from a preference model over several samples; the hard one is what a pair
+    dataset allows. Same as TRL's ``sppo_hard``. Rewards are β·(log-ratio), detached.
+    """
+    _check_beta(beta)
+    chosen_lr, rejected_lr = _log_ratios(policy, reference)
+    losses = (chosen_lr - 0.5 / beta) ** 2 + (rejected_lr + 0.5 / beta) ** 2
+    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+
+
+def _aot(delta: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    z = beta * delta
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+@register_loss("aot", reference=True, batchwise=True)
+def aot(
+    policy: PairedLogps, reference: PairedLogps, *, beta: float, label_smoothing: float = 0.0
+) -> LossOutput:
+    """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
+    Transport", arXiv:2406.05882, Eq. 9 with the logistic loss).
+
+    Alignment as first-order stochastic dominance of the policy's chosen-over-rejected margins
+    over the reference's, checked quantile by quantile: sort the batch's policy margins
+    m = log π(y_c) − log π(y_r) and the reference's, and apply DPO's (cDPO's, with ε =
+    label_smoothing) loss to each sorted difference: ``−(1−ε)·log σ(β·Δ_(i)) − ε·log σ(−β·Δ_(i))``
+    with Δ_(i) = m_(i) − m_ref,(i). ``losses[i]`` belongs to the i-th quantile, not to example
+    i, so the batch (one process's micro-batch, as in TRL) is what is sorted. Same as TRL's
+    ``aot``. Rewards are β·(log-ratio) per example, detached.
+    """
+    _check_beta(beta)
+    chosen_lr, rejected_lr = _log_ratios(policy, reference)
+    margins = torch.sort(policy.chosen - policy.rejected).values
+    ref_margins = torch.sort(reference.chosen - reference.rejected).values
+    losses = _aot(margins - ref_margins, beta, label_smoothing)
+    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+
+
+@register_loss("aot_unpaired", reference=True, batchwise=True)
+def aot_unpaired(
+    policy: PairedLogps, reference: PairedLogps, *, beta: float, label_smoothing: float = 0.0
+) -> LossOutput:
+    """AOT, unpaired (Melnyk et al. 2024, arXiv:2406.05882, Eq. 8 with the logistic loss).
+
+    The chosen log-ratios' distribution should dominate the rejected ones': sort each side's
+    log-ratios over the batch on its own and apply the (c)DPO loss to each sorted difference,
+    Δ_(i) = log-ratio_c,(i) − log-ratio_r,(i). The pairing is not used, so it also fits data
+    where chosen and rejected answers come from different prompts. ``losses[i]`` is the i-th
+    quantile's. Same as TRL's ``aot_unpaired``. Rewards are β·(log-ratio), detached.
+    """
+    _check_beta(beta)
+    chosen_lr, rejected_lr = _log_ratios(policy, reference)
+    delta = torch.sort(chosen_lr).values - torch.sort(rejected_lr).values
+    losses = _aot(delta, beta, label_smoothing)
+    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+
+
+@register_loss("apo_zero", reference=True)
+def apo_zero(policy: PairedLogps, reference: PairedLogps, *, beta: float) -> LossOutput:
+    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
+    Revisions", arXiv:2408.06266, Eq. 7).
+
+    ``(1 − σ(β·log-ratio_c)) + σ(β·log-ratio_r)``: each completion anchored to the reference on
+    its own, the chosen one pushed up and the rejected one down, for data whose chosen answers
+    are better than the model's own. Same as TRL's ``apo_zero``. Rewards are β·(log-ratio).
+    """
+    _check_beta(beta)
+    chosen_lr, rejected_lr = _log_ratios(policy, reference)
+    losses = (1 - torch.sigmoid(beta * chosen_lr)) + torch.sigmoid(beta * rejected_lr)
+    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+
+
+@register_loss("apo_down", reference=True)
+def apo_down(policy: PairedLogps, reference: PairedLogps, *, beta: float) -> LossOutput:
+    """APO-down (D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 8).
+
+    ``σ(β·log-ratio_c) + (1 − σ(β·(log-ratio_c − log-ratio_r)))``: the chosen completion is pushed
+    down and the rejected one further, for data whose chosen answers are worse than the model's
+    own (the gradient on the chosen log-prob may take either sign). Same as TRL's
+    ``apo_down``. Rewards are β·(log-ratio), detached.
+    """
+    _check_beta(beta)
+    chosen_lr, rejected_lr = _log_ratios(policy, reference)
+    losses = torch.sigmoid(beta * chosen_lr) + (1 - torch.sigmoid(beta * (chosen_lr - rejected_lr)))
+    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+
+
+@register_loss("discopop", reference=True)
+def discopop(
+    policy: PairedLogps, reference: PairedLogps, *, beta: float, tau: float = 0.05
+) -> LossOutput:
+    """DiscoPOP (Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for
+    Large Language Models", arXiv:2406.08414, Eq. 5: the log-ratio modulated loss, "LRML").
+
+    With ρ = β·h (h as in DPO) and the mixing weight m = σ(ρ/τ):
+    ``(1 − m)·(−log σ(ρ)) + m·exp(−ρ)``, a blend of the logistic (DPO) and exponential losses
+    that leans logistic where the policy disagrees with the label and exponential where it
+    agrees. τ = 0.05 is the paper's value. Same as TRL's ``discopop``. Rewards are β·(log-ratio).
+    """
+    _check_beta(beta)
+    if not tau > 0:
+        raise ConfigError(f"loss.tau must be > 0, got {tau}")
+    chosen_lr, rejected_lr = _log_ratios(policy, reference)
+    rho = beta * (chosen_lr - rejected_lr)
+    m = torch.sigmoid(rho / tau)
+    losses = (1 - m) * -F.logsigmoid(rho) + m * torch.exp(-rho)
+    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+
+
+@register_loss("sigmoid_norm", reference=True)
+def sigmoid_norm(policy: PairedLogps, reference: PairedLogps, *, beta: float) -> LossOutput:
+    """Length-normalized DPO (LN-DPO: the SimPO paper's ablation, Meng et al. 2024,
+    arXiv:2405.14734, Sec. 4; TRL's ``sigmoid_norm``).
+
+    DPO on per-token average log-ratios: ``−log σ(β·(log-ratio_c/|y_c| − log-ratio_r/|y_r|))``.
+    It removes DPO's pull toward longer chosen completions; β's scale is per token, so its
+    values do not transfer from DPO (the default is 10× DPO's). Same as TRL. Rewards are
+    β·(per-token log-ratio), detached.
+    """
+    _check_beta(beta)
+    chosen_lr, rejected_lr = _log_ratios(policy, reference)
+    chosen_lr, rejected_lr = chosen_lr / policy.chosen_tokens, rejected_lr / policy.rejected_tokens
+    losses = -F.logsigmoid(beta * (chosen_lr - rejected_lr))
+    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+
+
+def _length_desensitized(logps: PairedLogps, alpha: float) -> tuple[Tensor, Tensor]:
+    if logps.chosen_shared is None or logps.rejected_shared is None:
+        raise ValueError(
+            "ld_dpo needs each completion's shared-length prefix log-probs, which a precomputed "
+            "reference does not keep; set reference.precompute=false"
+        )
+    chosen = logps.chosen_shared + alpha * (logps.chosen - logps.chosen_shared)
+    rejected = logps.rejected_shared + alpha * (logps.rejected - logps.rejected_shared)
+    return chosen, rejected
+
+
+@register_loss("ld_dpo", reference=True, token_split=True)
+def ld_dpo(
+    policy: PairedLogps, reference: PairedLogps, *, beta: float, alpha: float = 0.5
+) -> LossOutput:
+    """LD-DPO (Liu et al. 2024, "Length Desensitization in Direct Preference Optimization",
+    arXiv:2409.06411, Eq. 13).
+
+    DPO where each completion's log-prob counts its first l = min(|y_c|, |y_r|) tokens in full
+    and the rest, the longer completion's "verbose excess", with weight α:
+    log π̂(y) = Σ_{t≤l} log π(y_t) + α·Σ_{t>l} log π(y_t), for the policy and the reference alike;
+    α = 1 is DPO, α = 0 compares only the shared length. Same as TRL's ``ld_alpha`` (TRL applies
+    it to any loss type; here it is its own loss, DPO's). Rewards are β·(log-ratio) of the
+    desensitized log-probs, detached.
+    """
+    _check_beta(beta)
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"loss.alpha must be in [0, 1] for ld_dpo, got {alpha}")
+    pc, pr = _length_desensitized(policy, alpha)
+    rc, rr = _length_desensitized(reference, alpha)
+    chosen_lr, rejected_lr = pc - rc, pr - rr
+    losses = -F.logsigmoid(beta * (chosen_lr - rejected_lr))
+    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+
+
 # --------------------------------------------------------------------------------------------
 # Paired, reference-free
 # --------------------------------------------------------------------------------------------
@@ -306,6 +810,57 @@ def simpo(
     rejected = beta * policy.rejected / policy.rejected_tokens  # (B,)
     losses = -F.logsigmoid(chosen - rejected - gamma_beta_ratio * beta)
     return LossOutput(losses, chosen.detach(), rejected.detach())
+
+
+@register_loss("cpo", reference=False)
+def cpo(policy: PairedLogps, reference: None, *, beta: float, alpha: float = 1.0) -> LossOutput:
+    """CPO (Xu et al. 2024, "Contrastive Preference Optimization", arXiv:2401.08417, Eq. 3–6).
+
+    DPO with the reference dropped (its uniform-reference limit) plus a behaviour-cloning NLL on
+    the chosen completion: ``−log σ(β·(log π(y_c) − log π(y_r))) + α·(−log π(y_c)/|y_c|)``. The
+    NLL is per token, as RPO's here; TRL's CPO trainer averages it over every chosen token of
+    the batch instead (the same where completions have equal lengths) and calls α
+    ``cpo_alpha``. Rewards are β·log π, detached; the NLL is logged as ``nll``.
+    """
+    _check_beta(beta)
+    nll = -policy.chosen / policy.chosen_tokens
+    losses = -F.logsigmoid(beta * (policy.chosen - policy.rejected)) + alpha * nll
+    return LossOutput(
+        losses,
+        (beta * policy.chosen).detach(),
+        (beta * policy.rejected).detach(),
+        {"nll": nll.detach().mean()},
+    )
+
+
+@register_loss("alphapo", reference=False)
+def alphapo(
+    policy: PairedLogps,
+    reference: None,
+    *,
+    beta: float,
+    alpha: float = 0.25,
+    gamma_beta_ratio: float = 0.25,
+) -> LossOutput:
+    """AlphaPO (Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM Alignment",
+    arXiv:2501.03884, Eq. 5).
+
+    SimPO with the reward's shape set by α: with ā = log π(y)/|y| the per-token average,
+    r_α = (1 − exp(−α·ā))/α = (1 − π(y)^(−α/|y|))/α, and the loss is
+    ``−log σ(β·(r_α,c − r_α,r − γ/β))``. α → 0 gives r = ā, SimPO; α > 0 flattens the reward
+    where ā is low. The margin is set as γ/β (``gamma_beta_ratio``), as ``simpo``'s. Same as
+    TRL's CPO trainer with ``loss_type=simpo`` and ``alpha`` (there γ itself is ``simpo_gamma``).
+    Rewards are β·r_α, detached.
+    """
+    _check_beta(beta)
+    avg_c = policy.chosen / policy.chosen_tokens
+    avg_r = policy.rejected / policy.rejected_tokens
+    if alpha == 0:
+        rc, rr = avg_c, avg_r
+    else:
+        rc, rr = -torch.expm1(-alpha * avg_c) / alpha, -torch.expm1(-alpha * avg_r) / alpha
+    losses = -F.logsigmoid(beta * (rc - rr - gamma_beta_ratio))
+    return LossOutput(losses, (beta * rc).detach(), (beta * rr).detach())
 
 
 def _log1mexp(x: Tensor) -> Tensor:

@@ -34,8 +34,13 @@ def metric_names(loss: LossSpec, loss_kwargs: dict[str, Any], reference: bool) -
     values = torch.tensor([-1.0, -2.0])
     tokens = torch.tensor([3, 3])
     if loss.data == "paired":
-        policy: Any = PairedLogps(values, values.flip(0), tokens, tokens)
-        ref: Any = PairedLogps(values - 0.5, values.flip(0) - 0.5, tokens, tokens)
+        zeros = torch.zeros(2)  # the stand-in has every optional field a loss may read
+        policy: Any = PairedLogps(
+            values, values.flip(0), tokens, tokens, values, values.flip(0), zeros, zeros
+        )
+        ref: Any = PairedLogps(
+            values - 0.5, values.flip(0) - 0.5, tokens, tokens, values - 0.5, values.flip(0) - 0.5
+        )
         names = ["rewards/margins", "rewards/accuracies"]
     else:
         policy = UnpairedLogps(values, tokens, torch.tensor([True, False]), values.flip(0))

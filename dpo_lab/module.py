@@ -68,6 +68,11 @@ class PreferenceModule(L.LightningModule):
         self.online = online
         paired = self._paired = loss.data == "paired"  # decided once for the whole run
         self._policy_logps = paired_logps if paired else unpaired_logps
+        # what the loss declares it reads beyond the sums: WPO's aligned log-probs
+        self._policy_kwargs = {**self.logps_kwargs, **({"aligned": True} if loss.aligned else {})}
+        # the loss's state across steps (BCO's δ): a submodule, so it moves, follows train/eval
+        # mode and is checkpointed with the module; never trained (buffers only)
+        self.loss_state = loss.state() if loss.state is not None else None
         self._reference_logps = (
             None if reference is None else (reference.paired if paired else reference.unpaired)
         )
@@ -90,11 +95,12 @@ class PreferenceModule(L.LightningModule):
 
     def model_step(self, batch: dict[str, Any], split: str) -> tuple[Any, Any, LossOutput]:
         """(policy log-probs, reference log-probs or None, the loss's output) of one batch."""
-        policy = self._policy_logps(self.policy, batch, **self.logps_kwargs)
+        policy = self._policy_logps(self.policy, batch, **self._policy_kwargs)
         reference = None if self.reference is None else self._reference_logps(batch, split)
         if not self._paired and split == "train" and self._several_processes:
             policy, reference = _kl_rows_of_every_process(policy, reference)
-        return policy, reference, self.loss(policy, reference, **self.loss_kwargs)
+        out = self.loss(policy, reference, state=self.loss_state, **self.loss_kwargs)
+        return policy, reference, out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
         scale: Any = 1.0

@@ -22,6 +22,7 @@ training device at fit start (``to``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -33,9 +34,9 @@ from dpo_lab.losses import PairedLogps, UnpairedLogps
 SPLITS = ("train", "val")
 
 
-def _leave_inference_mode(*tensors: Tensor) -> tuple[Tensor, ...]:
+def _leave_inference_mode(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Inference tensors cannot meet tensors that need grad in the loss: normal copies."""
-    return tuple(t.clone() for t in tensors)
+    return tuple(None if t is None else t.clone() for t in tensors)
 
 
 class LiveReference:
@@ -60,9 +61,8 @@ class LiveReference:
     def paired(self, batch: dict[str, Any], split: str) -> PairedLogps:
         with torch.inference_mode():
             out = paired_logps(self.model, batch, **self.logps_kwargs)
-        return PairedLogps(
-            *_leave_inference_mode(out.chosen, out.rejected, out.chosen_tokens, out.rejected_tokens)
-        )
+        fields = [getattr(out, f.name) for f in dataclasses.fields(out)]
+        return PairedLogps(*_leave_inference_mode(*fields))
 
     def unpaired(self, batch: dict[str, Any], split: str) -> UnpairedLogps:
         with torch.inference_mode():

@@ -41,7 +41,8 @@ from dpo_lab.faults import (
 )
 from dpo_lab.loggers import log_wandb_media
 from dpo_lab.lora import PeftReference, is_peft
-from dpo_lab.losses import LossSpec, bind_loss_kwargs, get_loss
+from dpo_lab.losses import LossSpec
+from dpo_lab.losses import resolve as resolve_loss
 from dpo_lab.models import build_models, load_model, resolve_name_or_path, save_final
 from dpo_lab.module import PreferenceModule
 from dpo_lab.online import OnlinePairs, TaskRewardJudge
@@ -101,10 +102,10 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 
 def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
     """Validate what Hydra's struct mode cannot; return the loss and its bound kwargs."""
-    spec = get_loss(cfg.loss.name)
     kwargs = {
         k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k != "name"
     }
+    spec, kwargs = resolve_loss(cfg.loss.name, kwargs)
     takes_beta = "beta" in spec.params
     own = OmegaConf.to_container(cfg.loss, resolve=False).get("beta")
     if takes_beta and own != "${beta}" and kwargs.get("beta") != cfg.beta:
@@ -119,10 +120,22 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
             raise ConfigError(f"beta must be a number > 0 for loss={spec.name}, got {beta!r}")
     elif cfg.beta is not None:
         raise ConfigError(f"loss={spec.name} takes no beta; got beta={cfg.beta!r} (leave it unset)")
-    kwargs = bind_loss_kwargs(spec, kwargs)
+    callbacks = [c for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if cfg.reference.precompute and any(
+        str(c.get("_target_", "")).endswith("ReferenceUpdate") for c in callbacks
+    ):
+        raise ConfigError(
+            "callbacks.reference_update (TR-DPO) moves the reference model, and "
+            "reference.precompute=true scores a fixed one once; drop one of the two"
+        )
     if cfg.reference.precompute:
         if not spec.reference:
             raise ConfigError(f"reference.precompute=true, but loss={spec.name} uses no reference")
+        if spec.token_split:
+            raise ConfigError(
+                f"reference.precompute is not available for loss={spec.name}: it reads the "
+                "log-probs of each completion's shared-length prefix, and the cache keeps sums"
+            )
         if spec.data == "unpaired":
             raise ConfigError(
                 f"reference.precompute is not available for loss={spec.name}: its KL rows pair "

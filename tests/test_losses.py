@@ -156,12 +156,18 @@ def inputs(spec, grad: bool):
         pol = unpaired([-4.0, -6.0, -5.0, -7.0], [True, False, True, False], [-9.0] * 4, grad)
         ref = unpaired([-4.5, -5.5, -5.0, -6.5], [True, False, True, False], [-9.5] * 4)
     else:
-        mk = lambda c, r, g: PairedLogps(  # noqa: E731
-            torch.tensor([c, c - 1.0], requires_grad=g),
-            torch.tensor([r, r + 0.5], requires_grad=g),
-            torch.tensor([5.0, 7.0]),
-            torch.tensor([6.0, 4.0]),
-        )
+
+        def mk(c, r, g):
+            chosen = torch.tensor([c, c - 1.0], requires_grad=g)
+            rejected = torch.tensor([r, r + 0.5], requires_grad=g)
+            # shared prefixes: chosen (5, 7) and rejected (6, 4) tokens share (5, 4) tokens
+            shares = torch.tensor([1.0, 4 / 7]), torch.tensor([5 / 6, 1.0])
+            return PairedLogps(
+                chosen, rejected, torch.tensor([5.0, 7.0]), torch.tensor([6.0, 4.0]),
+                chosen * shares[0], rejected * shares[1],
+                torch.tensor([-0.2, -0.4]), torch.tensor([-0.3, -0.1]),
+            )  # fmt: skip
+
         pol, ref = mk(-6.0, -7.0, grad), mk(-6.5, -6.5, False)
     return pol, (ref if spec.reference else None)
 
@@ -193,17 +199,24 @@ def test_every_loss_shape_finite_detached(name):
 def test_every_loss_gradient_sign(name):
     """Raising a preferred completion's log-prob lowers the loss; a dispreferred one's raises it.
 
-    (SFT ignores the rejected completion, and the hinge can be flat; both checked as such.)
+    (SFT ignores the rejected completion, and the hinge can be flat; APO-down pushes the chosen
+    completion down by design; DiscoPOP rises with the margin just above 0, so it is checked
+    past that region: all checked as such.)
     """
     spec = get_loss(name)
     pol, ref = inputs(spec, grad=True)
     kw = default_kwargs(name)
     if name == "hinge":
         kw["beta"] = 0.01  # inside the margin, so the hinge is not flat
+    if name == "discopop":
+        kw["beta"] = 1.0  # β·h = 1, past the non-monotone region around 0 (test_discopop_by_hand)
     spec(pol, ref, **kw).losses.sum().backward()
     if spec.data == "unpaired":
         g, d = pol.completion.grad, pol.desirable
         assert (g[d] < 0).all() and (g[~d] > 0).all()
+    elif name == "apo_down":
+        assert (pol.chosen.grad > 0).all() and (pol.rejected.grad > 0).all()
+        assert (pol.rejected.grad > pol.chosen.grad).all()  # rejected down further
     else:
         assert (pol.chosen.grad < 0).all()
         if name == "sft":
@@ -223,7 +236,9 @@ def test_reference_free_losses_take_no_reference():
 
 def test_unknown_and_missing_keys_are_named():
     spec = get_loss("dpo")
-    with pytest.raises(ConfigError, match=r"loss\.label_smoothin.*accepted: beta, label_smoothing"):
+    with pytest.raises(
+        ConfigError, match=r"loss\.label_smoothin.*accepted: beta, divergence, .*label_smoothing"
+    ):
         bind_loss_kwargs(spec, {"beta": 0.1, "label_smoothin": 0.1})
     with pytest.raises(ConfigError, match=r"missing key\(s\) loss\.beta"):
         bind_loss_kwargs(spec, {})

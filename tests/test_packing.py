@@ -332,3 +332,48 @@ def test_a_padding_free_run_trains_like_the_padded_one(tmp_path, overrides):
     probe = next(c for c in runs[1].trainer.callbacks if hasattr(c, "last_metrics"))
     assert probe.last_metrics["probe/seconds"] > 0
     assert 0 < probe.last_metrics["probe/time_share"] < 1
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_shared_prefix_and_wpo_weights_by_hand_padded_and_packed(lean):
+    """LD-DPO's shared-length prefix sums and WPO's aligned log-weights, from the lean (chunked)
+    and the naive path, padded and packed, equal a per-token loop over the full logits."""
+    model = _model("llama", "eager")
+    examples = _examples(1)
+    n = len(examples)
+    first = torch.tensor([min(len(c), 3) for _, c in examples])  # ≤ 3 tokens of each, some fewer
+    want_prefix, want_aligned = [], []
+    with torch.no_grad():
+        for (p, c), k in zip(examples, first.tolist(), strict=True):
+            logits = model(input_ids=torch.tensor([p + c])).logits[0].float()
+            lp = logits.log_softmax(-1)[len(p) - 1 : len(p) + len(c) - 1]  # (|c|, V)
+            tok = lp.gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+            want_prefix.append(tok[:k].sum())
+            want_aligned.append((tok - torch.logsumexp(2 * lp, -1)).mean())  # log p − log Σ p²
+    padded = completion_logps(
+        model, **pad_sequences(examples, pad_id=0), first=first, aligned=True, lean=lean,
+        chunk_size=7,
+    )  # fmt: skip
+    prepare_model(model)
+    packed = completion_logps(
+        model, attention_mask=None, **pack(examples), first=first, aligned=True, lean=lean
+    )
+    for out in (padded, packed):
+        assert len(out) == 4 and out[2].shape == (n,)
+        torch.testing.assert_close(out[2], torch.stack(want_prefix), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[3], torch.stack(want_aligned), atol=1e-5, rtol=0)
+        assert not out[3].requires_grad
+
+
+def test_paired_logps_share_the_shorter_length():
+    """paired_logps cuts both completions of a pair at the shorter one's length."""
+    model = _model("llama", "eager")
+    (p1, c1), (p2, c2) = ([1, 5, 6], [7, 8, 9, 10, 2]), ([1, 11], [12, 2])
+    rows = [(p1, c1), (p2, c2), (p1, c1[:2]), (p2, c2 + [13, 14, 2])]  # chosen ×2, rejected ×2
+    out = paired_logps(model, pad_sequences(rows, pad_id=0))
+    first = torch.tensor([2, 2, 2, 2])  # pair 1: 5 vs 2 tokens; pair 2: 2 vs 5 tokens
+    want = completion_logps(model, **pad_sequences(rows, pad_id=0), first=first)[2]
+    torch.testing.assert_close(out.chosen_shared, want[:2])
+    torch.testing.assert_close(out.rejected_shared, want[2:])
+    torch.testing.assert_close(out.rejected_shared[0], out.rejected[0])  # the shorter one: whole
+    assert out.chosen_aligned is None  # only computed when asked

@@ -3,7 +3,8 @@ ones every run has (``~callbacks.<name>`` removes one, ``+callbacks.<name>._targ
 
 - ``probe.py``: the displacement probe (chosen/rejected log-prob trajectories of fixed pairs);
 - ``nonfinite.py``: the non-finite guard (stop or skip a step on a NaN/inf loss or gradient);
-- ``step_stats.py``: learning rate, gradient norm, throughput and peak memory per step.
+- ``step_stats.py``: learning rate, gradient norm, throughput and peak memory per step;
+- ``reference_update.py``: TR-DPO's reference updates (``callbacks=[default,tr_dpo]``).
 
 Checkpointing callbacks live with the rest of fault tolerance in ``dpo_lab/faults.py``.
 """
@@ -14,9 +15,12 @@ from typing import Any
 
 from dpo_lab.callbacks.nonfinite import NonFiniteGuard
 from dpo_lab.callbacks.probe import DisplacementProbe
+from dpo_lab.callbacks.reference_update import ReferenceUpdate
 from dpo_lab.callbacks.step_stats import StepStats
 
-__all__ = ["DisplacementProbe", "NonFiniteGuard", "StepStats", "progress_bar"]
+__all__ = [
+    "DisplacementProbe", "NonFiniteGuard", "ReferenceUpdate", "StepStats", "progress_bar"
+]  # fmt: skip
 
 
 def progress_bar() -> Any:

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import json
 import math
-import inspect
 import random
 import shutil
 import time
@@ -441,9 +441,7 @@ def _build(root: Path, settings: dict[str, Any], *, verbose: bool) -> Path:
 
 # The default settings' cache key → sha256 of its files (``artifact_digest``), as built on the
 # project's 2-core CPU machine with torch 2.13.0 (2026-11-26) and shipped in ``shipped/``.
-SHIPPED = {
-    "5cdb078828c22112": "d1e3c61ade57afc778a62324e59585215ed621ddf0534dee2b304b4622eeba36"
-}
+SHIPPED = {"5cdb078828c22112": "d1e3c61ade57afc778a62324e59585215ed621ddf0534dee2b304b4622eeba36"}
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 _GZIPPED = (".jsonl",)  # stored gzipped in shipped/ (the weights do not compress)
 
@@ -588,7 +586,9 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ship", action="store_true", help="rebuild the default and rewrite shipped/")
+    parser.add_argument(
+        "--ship", action="store_true", help="rebuild the default and rewrite shipped/"
+    )
     args = parser.parse_args()
     if args.ship:
         key, digest = ship()
