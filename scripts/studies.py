@@ -1025,6 +1025,112 @@ def real_sentiment(runs: dict[str, list[Run]], out: Path) -> str:
     )
 
 
+REFERENCE_FREE = ("simpo", "alphapo", "orpo", "cpo")
+
+
+def loss_zoo(runs: dict[str, list[Run]], out: Path) -> str:
+    """The leaderboard: every paired loss's true reward read off its own frontier at matched KL,
+    ranked at the level most losses reach, with the displacement (share of the probe's chosen
+    completions below the reference) and the sample length there; one frontier figure."""
+    all_runs = [r for sweep in READS["loss_zoo"] for r in runs[sweep]]
+    groups = {loss: g for (loss,), g in by(all_runs, "loss.name").items()}
+    levels = _levels(groups, 3)
+    metric = "eval/reward/policy"
+
+    def covered(kl: float) -> int:
+        return sum(_covers(g, metric, kl) for g in groups.values())
+
+    rank_at = max(levels, key=lambda kl: (covered(kl), -abs(math.log(kl))), default=None)
+
+    def score(name: str) -> float:
+        if rank_at is None or not _covers(groups[name], metric, rank_at):
+            return -math.inf
+        vals = list(matched(groups[name], metric, rank_at).values())
+        return statistics.fmean(vals) if vals else -math.inf
+
+    order = sorted(groups, key=lambda n: (-score(n), n))
+    rows = []
+    for name in order:
+        g = groups[name]
+        at = rank_at if rank_at is not None and _covers(g, metric, rank_at) else None
+        side = (
+            [_cell(g, "probe/frac_chosen_below_ref", at, 2), _cell(g, "eval/length/policy", at, 1)]
+            if at is not None
+            else ["—", "—"]
+        )
+        rng = kl_range(g, metric)
+        rows.append(
+            [
+                name,
+                "free" if name in REFERENCE_FREE else "π_ref",
+                *(_cell(g, metric, kl) for kl in levels),
+                *side,
+                "—" if rng is None else f"{rng[0]:.2g}–{rng[1]:.2g}",
+                _capped(usable(g)),
+                _left_out(g),
+                str(n_seeds(g)),
+            ]
+        )
+    header = [
+        "loss",
+        "reference",
+        *(f"reward @ KL = {kl:g}" for kl in levels),
+        f"chosen below ref @ {rank_at:g}" if rank_at else "chosen below ref",
+        f"length @ {rank_at:g}" if rank_at else "length",
+        "KL range",
+        "capped",
+        "left out",
+        "seeds",
+    ]
+    _zoo_figure(groups, all_runs, out)
+    ref = [r["eval/reward/reference"] for r in all_runs]
+    return "\n\n".join(
+        [
+            f"Leaderboard, ranked by the true reward at KL = {rank_at:g}, the level that most "
+            f"losses' frontiers reach ({covered(rank_at)} of {len(groups)}); the reference "
+            f"(SFT) model's reward is {statistics.fmean(ref):.3f}:"
+            if rank_at
+            else "No KL level is reached by two losses' frontiers:",
+            table(header, rows),
+            CAPTION
+            + " A loss whose frontier does not reach a level has no value there (—): it is "
+            "ranked below every loss that does, by name.",
+            "<details><summary>Every loss and β</summary>",
+            table(PER_BETA, _per_beta_rows(groups)),
+            "</details>",
+        ]
+    )
+
+
+def _zoo_figure(groups: dict[str, list[Run]], reference: list[Run], out: Path) -> None:
+    """Two panels of frontiers (losses with a reference; reference-free ones, with DPO's for
+    comparison), the reference's reward dashed."""
+    plt, fig, axes = _figure(2)
+    panels = (
+        [n for n in groups if n not in REFERENCE_FREE],
+        ["dpo", *(n for n in groups if n in REFERENCE_FREE)],
+    )
+    cmap = plt.get_cmap("tab20")
+    for ax, names, title in zip(
+        axes, panels, ("losses with a reference", "reference-free (DPO for scale)"), strict=True
+    ):
+        for i, name in enumerate(n for n in names if n in groups):
+            style = {"color": cmap(i % 20), "lw": 1, "ms": 3}
+            if name == "dpo":
+                style |= {"color": "black", "lw": 2}
+            _errorbar_frontier(ax, groups[name], "eval/reward/policy", name, **style)
+        _reference_line(ax, reference)
+        ax.set_xscale("log")
+        ax.set_xlabel("KL(π‖π_ref), nats (log scale)")
+        ax.set_ylabel("true reward of policy samples")
+        ax.set_title(title)
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle("Loss zoo: true reward against KL over β (mean ± 95% CI, 3 seeds)")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
 STUDY_FNS = {
     f.__name__: f
     for f in (
@@ -1036,8 +1142,11 @@ STUDY_FNS = {
         closed_form,
         online_vs_offline,
         real_sentiment,
+        loss_zoo,
     )
 }
+# A study's sweeps, where it runs more than one (each `experiment=<name>`; default: its own name)
+SWEEPS = {"loss_zoo": ("loss_zoo", "loss_zoo_b", "loss_zoo_c")}
 # the sweeps each study reads (its own, and the runs it shares)
 READS = {
     "beta_frontier": ["beta_frontier"],
@@ -1048,6 +1157,7 @@ READS = {
     "closed_form": ["closed_form"],
     "online_vs_offline": ["beta_frontier", "online_vs_offline"],
     "real_sentiment": ["real_sentiment"],
+    "loss_zoo": list(SWEEPS["loss_zoo"]),
 }
 
 
@@ -1108,8 +1218,9 @@ def run_sweeps(
         return study, (rc, wall)
 
     order = sorted(studies, key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER))
+    sweeps = [sweep for study in order for sweep in SWEEPS.get(study, (study,))]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return dict(pool.map(one, order))
+        return dict(pool.map(one, sweeps))
 
 
 # ---------------------------------------------------------------------------------------------
