@@ -1092,8 +1092,7 @@ def loss_zoo(runs: dict[str, list[Run]], out: Path) -> str:
             if rank_at
             else "No KL level is reached by two losses' frontiers:",
             table(header, rows),
-            CAPTION
-            + " A loss whose frontier does not reach a level has no value there (—): it is "
+            CAPTION + " A loss whose frontier does not reach a level has no value there (—): it is "
             "ranked below every loss that does, by name.",
             "<details><summary>Every loss and β</summary>",
             table(PER_BETA, _per_beta_rows(groups)),
@@ -1121,14 +1120,15 @@ def _zoo_figure(groups: dict[str, list[Run]], reference: list[Run], out: Path) -
             _errorbar_frontier(ax, groups[name], "eval/reward/policy", name, **style)
         _reference_line(ax, reference)
         ax.set_xscale("log")
-        ax.set_xlabel("KL(π‖π_ref), nats (log scale)")
-        ax.set_ylabel("true reward of policy samples")
-        ax.set_title(title)
-        ax.legend(fontsize=6, ncol=2)
-    fig.suptitle("Loss zoo: true reward against KL over β (mean ± 95% CI, 3 seeds)")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+        finish_figure(
+            fig,
+            ax,
+            out if ax is axes[-1] else None,
+            xlabel="KL(π‖π_ref), nats (log scale)",
+            ylabel="true reward of policy samples",
+            title=f"Loss zoo: {title} (mean ± 95% CI over seeds)",
+            legend_size=6,
+        )
 
 
 STUDY_FNS = {
@@ -1168,6 +1168,7 @@ READS = {
 # Longest first, so that two workers finish close together (job counts × about 10 s, online and
 # closed-form jobs about 3× longer).
 ORDER = (
+    "loss_zoo",
     "label_noise",
     "beta_frontier",
     "online_vs_offline",
