@@ -348,6 +348,7 @@ SAME_AS_TRL = [
     ("sigmoid", {}, "dpo", {}),
     ("robust", {"label_smoothing": 0.2}, "dpo", {"label_smoothing": 0.2, "robust": True}),
     ("hinge", {"beta": 0.5}, "hinge", {}),
+    ("ipo", {"beta": 0.5}, "ipo", {"average_log_ratios": True}),  # TRL's IPO: per-token form
     ("exo_pair", {"label_smoothing": 1e-3}, "exo_pair", {"label_smoothing": 1e-3}),
     ("nca_pair", {}, "nca_pair", {}),
     ("sppo_hard", {}, "sppo_hard", {}),
@@ -394,11 +395,13 @@ def test_bco_pair_at_zero_shift_same_as_trl():
     assert ours.losses.mean().item() == pytest.approx(theirs, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["cpo", "alphapo"])
+@pytest.mark.parametrize("name", ["cpo", "alphapo", "simpo", "orpo"])
 def test_reference_free_same_as_trl_cpo(name):
-    """CPO's preference term and AlphaPO against TRL's CPOTrainer.cpo_loss (its NLL is added
-    elsewhere and averages over the batch's tokens; ours is per sequence, so α = 0 here)."""
+    """CPO's preference term, AlphaPO and SimPO against TRL's CPOTrainer.cpo_loss, ORPO's
+    odds-ratio term against ORPOTrainer.odds_ratio_loss (TRL adds the NLL elsewhere, averaged
+    over the batch's tokens; ours is per sequence, so it is left out of the comparison)."""
     from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
 
     g = torch.Generator().manual_seed(0)
     pol = PairedLogps(-torch.rand(8, generator=g) * 20, -torch.rand(8, generator=g) * 20,
@@ -409,11 +412,20 @@ def test_reference_free_same_as_trl_cpo(name):
         fake.beta, fake.alpha, fake.loss_type = 0.1, 0.0, "sigmoid"
         theirs, *_ = CPOTrainer.cpo_loss(fake, pol.chosen, pol.rejected)
         ours = LOSSES["cpo"](pol, None, beta=0.1, alpha=0.0)
+    elif name == "orpo":  # per-token averages in, and TRL's term is β·log σ(log odds ratio)
+        avg_c, avg_r = pol.chosen / pol.chosen_tokens, pol.rejected / pol.rejected_tokens
+        fake.beta = 0.1
+        theirs, *_ = ORPOTrainer.odds_ratio_loss(fake, avg_c, avg_r)
+        out = LOSSES["orpo"](pol, None, beta=0.1)
+        assert (out.losses + avg_c).tolist() == pytest.approx((-theirs).tolist(), abs=1e-6)
+        return
     else:  # TRL's simpo loss type averages the log-probs per token before the loss
-        fake.alpha, fake.loss_type, fake.simpo_gamma = 0.25, "simpo", 0.25 * 2.0
+        alpha = 0.25 if name == "alphapo" else 0.0
+        fake.alpha, fake.loss_type, fake.simpo_gamma = alpha, "simpo", 0.25 * 2.0
         avg_c, avg_r = pol.chosen / pol.chosen_tokens, pol.rejected / pol.rejected_tokens
         theirs, *_ = CPOTrainer.cpo_loss(fake, avg_c, avg_r)
-        ours = LOSSES["alphapo"](pol, None, beta=2.0, alpha=0.25, gamma_beta_ratio=0.25)
+        kw = {"alpha": alpha} if name == "alphapo" else {}
+        ours = LOSSES[name](pol, None, beta=2.0, gamma_beta_ratio=0.25, **kw)
     assert ours.losses.tolist() == pytest.approx(theirs.tolist(), rel=1e-5)
 
 
