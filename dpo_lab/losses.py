@@ -505,19 +505,9 @@ def rpo(
     )
 
 
-def _rewards(beta: float, chosen_lr: Tensor, rejected_lr: Tensor, **metrics: Tensor) -> LossOutput:
-    """An output's detached β·(log-ratio) rewards, around ``losses`` filled in by the caller."""
-    return LossOutput(
-        torch.empty(0),
-        (beta * chosen_lr).detach(),
-        (beta * rejected_lr).detach(),
-        {k: v.detach().mean() for k, v in metrics.items()},
-    )
-
-
-def _with(out: LossOutput, losses: Tensor) -> LossOutput:
-    out.losses = losses
-    return out
+def _output(losses: Tensor, beta: float, chosen_lr: Tensor, rejected_lr: Tensor) -> LossOutput:
+    """``losses`` with the usual detached implicit rewards, β·(log-ratio)."""
+    return LossOutput(losses, (beta * chosen_lr).detach(), (beta * rejected_lr).detach())
 
 
 @register_loss("exo_pair", reference=True)
@@ -545,7 +535,7 @@ def exo_pair(
     losses = log_qc.exp() * (log_qc - math.log1p(-label_smoothing)) + log_qr.exp() * (
         log_qr - math.log(label_smoothing)
     )
-    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+    return _output(losses, beta, chosen_lr, rejected_lr)
 
 
 @register_loss("nca_pair", reference=True)
@@ -562,7 +552,7 @@ def nca_pair(policy: PairedLogps, reference: PairedLogps, *, beta: float) -> Los
     chosen_lr, rejected_lr = _log_ratios(policy, reference)
     rc, rr = beta * chosen_lr, beta * rejected_lr
     losses = -F.logsigmoid(rc) - 0.5 * F.logsigmoid(-rc) - 0.5 * F.logsigmoid(-rr)
-    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+    return _output(losses, beta, chosen_lr, rejected_lr)
 
 
 class RunningMean(nn.Module):
@@ -616,9 +606,9 @@ def bco_pair(
     rc, rr = beta * chosen_lr, beta * rejected_lr
     delta = state.update(torch.cat([rc, rr])).to(rc.dtype)
     losses = -F.logsigmoid(rc - delta) - F.logsigmoid(-(rr - delta))
-    out = _rewards(beta, chosen_lr, rejected_lr)
+    out = _output(losses, beta, chosen_lr, rejected_lr)
     out.metrics["delta"] = delta.detach().float()
-    return _with(out, losses)
+    return out
 
 
 @register_loss("sppo_hard", reference=True)
@@ -634,7 +624,7 @@ def sppo_hard(policy: PairedLogps, reference: PairedLogps, *, beta: float) -> Lo
     _check_beta(beta)
     chosen_lr, rejected_lr = _log_ratios(policy, reference)
     losses = (chosen_lr - 0.5 / beta) ** 2 + (rejected_lr + 0.5 / beta) ** 2
-    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+    return _output(losses, beta, chosen_lr, rejected_lr)
 
 
 def _aot(delta: Tensor, beta: float, label_smoothing: float) -> Tensor:
@@ -662,7 +652,7 @@ def aot(
     margins = torch.sort(policy.chosen - policy.rejected).values
     ref_margins = torch.sort(reference.chosen - reference.rejected).values
     losses = _aot(margins - ref_margins, beta, label_smoothing)
-    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+    return _output(losses, beta, chosen_lr, rejected_lr)
 
 
 @register_loss("aot_unpaired", reference=True, batchwise=True)
@@ -681,7 +671,7 @@ def aot_unpaired(
     chosen_lr, rejected_lr = _log_ratios(policy, reference)
     delta = torch.sort(chosen_lr).values - torch.sort(rejected_lr).values
     losses = _aot(delta, beta, label_smoothing)
-    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+    return _output(losses, beta, chosen_lr, rejected_lr)
 
 
 @register_loss("apo_zero", reference=True)
@@ -696,7 +686,7 @@ def apo_zero(policy: PairedLogps, reference: PairedLogps, *, beta: float) -> Los
     _check_beta(beta)
     chosen_lr, rejected_lr = _log_ratios(policy, reference)
     losses = (1 - torch.sigmoid(beta * chosen_lr)) + torch.sigmoid(beta * rejected_lr)
-    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+    return _output(losses, beta, chosen_lr, rejected_lr)
 
 
 @register_loss("apo_down", reference=True)
@@ -711,7 +701,7 @@ def apo_down(policy: PairedLogps, reference: PairedLogps, *, beta: float) -> Los
     _check_beta(beta)
     chosen_lr, rejected_lr = _log_ratios(policy, reference)
     losses = torch.sigmoid(beta * chosen_lr) + (1 - torch.sigmoid(beta * (chosen_lr - rejected_lr)))
-    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+    return _output(losses, beta, chosen_lr, rejected_lr)
 
 
 @register_loss("discopop", reference=True)
@@ -733,7 +723,7 @@ def discopop(
     rho = beta * (chosen_lr - rejected_lr)
     m = torch.sigmoid(rho / tau)
     losses = (1 - m) * -F.logsigmoid(rho) + m * torch.exp(-rho)
-    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+    return _output(losses, beta, chosen_lr, rejected_lr)
 
 
 @register_loss("sigmoid_norm", reference=True)
@@ -750,7 +740,7 @@ def sigmoid_norm(policy: PairedLogps, reference: PairedLogps, *, beta: float) ->
     chosen_lr, rejected_lr = _log_ratios(policy, reference)
     chosen_lr, rejected_lr = chosen_lr / policy.chosen_tokens, rejected_lr / policy.rejected_tokens
     losses = -F.logsigmoid(beta * (chosen_lr - rejected_lr))
-    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+    return _output(losses, beta, chosen_lr, rejected_lr)
 
 
 def _length_desensitized(logps: PairedLogps, alpha: float) -> tuple[Tensor, Tensor]:
@@ -785,7 +775,7 @@ def ld_dpo(
     rc, rr = _length_desensitized(reference, alpha)
     chosen_lr, rejected_lr = pc - rc, pr - rr
     losses = -F.logsigmoid(beta * (chosen_lr - rejected_lr))
-    return _with(_rewards(beta, chosen_lr, rejected_lr), losses)
+    return _output(losses, beta, chosen_lr, rejected_lr)
 
 
 # --------------------------------------------------------------------------------------------
