@@ -265,8 +265,10 @@ def mixture(given: Mapping[str, Any]) -> tuple[LossSpec, dict[str, Any]]:
             f"loss=mix: unknown key(s) {', '.join('loss.' + k for k in sorted(given))}; "
             "accepted: beta, components, weighting"
         )
-    if not components:
-        raise ConfigError("loss=mix needs loss.components: a list of {name, weight, ...}")
+    if not components or not isinstance(components, (list, tuple)):
+        raise ConfigError(
+            f"loss=mix needs loss.components: a list of {{name, weight, ...}}, got {components!r}"
+        )
     parts: list[tuple[str, float, LossSpec, dict[str, Any]]] = []
     for i, comp in enumerate(components):
         where = f"loss.components[{i}]"
@@ -377,8 +379,9 @@ def dpo(
     density ratio u = π/π_ref where DPO has log u: h = f′(u_c) − f′(u_r), with
     ``reverse_kl`` f′(u) = log u (DPO itself), ``forward_kl`` f′(u) = 1 − 1/u,
     ``js_divergence`` f′(u) = log(2u/(1+u)) and ``alpha_divergence`` (α = divergence_alpha in
-    (0, 1)) f′(u) = (1 − u^(−α))/α. Only the chosen−rejected difference is valid for f ≠ reverse
-    KL (the partition term cancels only there), so the implicit rewards stay β·(log-ratio).
+    (0, 1)) f′(u) = (1 − u^(−α))/α. The normalizer β·log Z(x) of the optimal policy cancels
+    only in the chosen − rejected difference, so the f-divergence enters through h alone; the
+    implicit rewards logged stay β·(log-ratio).
     TRL's ``f_divergence_type`` writes the α-divergence as (u^(α−1) − 1)/(α − 1), the same
     function with α ↦ 1 − α: our α = 0.5 is theirs too, in general ours = 1 − theirs.
 
@@ -392,7 +395,9 @@ def dpo(
     f = _f_prime(divergence, divergence_alpha)
     logits = beta * (f(chosen_lr) - f(rejected_lr))  # (B,)
     wrong, right = -F.logsigmoid(-logits), -F.logsigmoid(logits)
-    if robust:
+    if label_smoothing == 0:
+        losses = right  # (ε·wrong would be 0·inf = NaN where a logit is +inf)
+    elif robust:
         losses = ((1 - label_smoothing) * right - label_smoothing * wrong) / (
             1 - 2 * label_smoothing
         )
@@ -402,20 +407,23 @@ def dpo(
 
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+_EXP_MAX = 80.0
 
 
 def _f_prime(divergence: str, alpha: float) -> Callable[[Tensor], Tensor]:
     """f′(u) as a function of log u, for the f-divergences of f-DPO (see ``dpo``)."""
     if divergence == "reverse_kl":
         return lambda lr: lr
+    # u^−α = exp(−α·log u) is clamped at exp(80) (as TRL clamps its α-divergence): a rejected
+    # log-ratio below −80 nats, common in long runs, would overflow fp32 to inf and the loss to NaN
     if divergence == "forward_kl":
-        return lambda lr: -torch.expm1(-lr)  # 1 − 1/u
+        return lambda lr: -torch.expm1(torch.clamp(-lr, max=_EXP_MAX))  # 1 − 1/u
     if divergence == "js_divergence":
         return lambda lr: math.log(2) + F.logsigmoid(lr)
     if divergence == "alpha_divergence":
         if not 0.0 < alpha < 1.0:
             raise ConfigError(f"loss.divergence_alpha must be in (0, 1), got {alpha}")
-        return lambda lr: -torch.expm1(-alpha * lr) / alpha  # (1 − u^−α)/α, exact at small α
+        return lambda lr: -torch.expm1(torch.clamp(-alpha * lr, max=_EXP_MAX)) / alpha
     raise ConfigError(f"loss.divergence={divergence!r}: expected one of {', '.join(DIVERGENCES)}")
 
 
@@ -556,33 +564,37 @@ def nca_pair(policy: PairedLogps, reference: PairedLogps, *, beta: float) -> Los
 
 
 class RunningMean(nn.Module):
-    """A running mean of every value seen in training, over every process: BCO's reward shift δ.
+    """A running mean of every finite value seen in training, over every process: BCO's δ.
 
-    Buffers, so it moves with the module and is saved in (and restored from) checkpoints. In
-    train mode ``update`` folds the batch in (gathered over processes first, so every process
-    keeps the same δ) and returns the new mean; in eval mode it returns the mean unchanged.
+    Kept as Python floats (float64) in the module's extra state, not in tensor buffers: the
+    module is saved in (and restored from) checkpoints with the rest of the LightningModule, but
+    no precision cast reaches it (``bf16-true`` casts every floating buffer, FSDP casts the
+    root's buffers to its ``buffer_dtype``, and a resumed run loads the checkpoint before the
+    cast). In train mode ``update`` gathers the batch's values from every process (so every
+    process keeps the same δ), folds the finite ones in and returns the new mean; in eval mode it
+    returns the mean unchanged.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.mean, self.count = 0.0, 0
 
-    def _apply(self, fn: Any, recurse: bool = True) -> RunningMean:
-        """Moves with the module but stays float64 (``bf16-true`` casts the whole module)."""
-        super()._apply(fn, recurse)
-        self.mean, self.count = self.mean.double(), self.count.double()
-        return self
+    def get_extra_state(self) -> dict[str, float]:
+        return {"mean": self.mean, "count": self.count}
 
-    def update(self, values: Tensor) -> Tensor:
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.mean, self.count = float(state["mean"]), int(state["count"])
+
+    def update(self, values: Tensor) -> float:
         if self.training:
             from dpo_lab.sharding import all_gather_ragged
 
             values = all_gather_ragged(values.detach().double())
+            values = values[torch.isfinite(values)]  # a skipped non-finite step leaves δ alone
             n = values.numel()
             if n:
                 self.count += n
-                self.mean += (values.mean() - self.mean) * (n / self.count)
+                self.mean += (values.mean().item() - self.mean) * n / self.count
         return self.mean
 
 
@@ -597,17 +609,18 @@ def bco_pair(
     class 1 and rejected as class 0, around a reward shift δ:
     ``−log σ(r_c − δ) − log σ(−(r_r − δ))``. δ is the running mean of every reward (chosen and
     rejected) seen in training so far, this batch included, over every process (``RunningMean``,
-    kept in the checkpoint); validation reads δ without moving it. As TRL's BCO trainer, which
-    updates its running moments before computing the loss. TRL's DPO ``bco_pair`` loss type
+    kept in the checkpoint); validation reads δ without moving it. The paper's δ is a moving
+    average of the rewards; here it is the plain running mean, updated before the batch's loss
+    (as TRL's former BCO trainer's running moments were). TRL 1.16's DPO ``bco_pair`` loss type
     leaves δ out (δ = 0). Rewards are r, detached; δ is logged as ``delta``.
     """
     _check_beta(beta)
     chosen_lr, rejected_lr = _log_ratios(policy, reference)
     rc, rr = beta * chosen_lr, beta * rejected_lr
-    delta = state.update(torch.cat([rc, rr])).to(rc.dtype)
+    delta = state.update(torch.cat([rc, rr]))
     losses = -F.logsigmoid(rc - delta) - F.logsigmoid(-(rr - delta))
     out = _output(losses, beta, chosen_lr, rejected_lr)
-    out.metrics["delta"] = delta.detach().float()
+    out.metrics["delta"] = torch.tensor(delta, device=rc.device)
     return out
 
 
@@ -837,10 +850,11 @@ def alphapo(
 
     SimPO with the reward's shape set by α: with ā = log π(y)/|y| the per-token average,
     r_α = (1 − exp(−α·ā))/α = (1 − π(y)^(−α/|y|))/α, and the loss is
-    ``−log σ(β·(r_α,c − r_α,r − γ/β))``. α → 0 gives r = ā, SimPO; α > 0 flattens the reward
-    where ā is low. The margin is set as γ/β (``gamma_beta_ratio``), as ``simpo``'s. Same as
-    TRL's CPO trainer with ``loss_type=simpo`` and ``alpha`` (there γ itself is ``simpo_gamma``).
-    Rewards are β·r_α, detached.
+    ``−log σ(β·(r_α,c − r_α,r − γ/β))``. α → 0 gives r = ā, SimPO; α > 0 makes the reward
+    steeper where ā is low (dr/dā = exp(−α·ā) > 1 for ā < 0), so unlikely completions are
+    pushed harder, and flatter toward ā = 0. The margin is set as γ/β (``gamma_beta_ratio``),
+    as ``simpo``'s. Same as TRL's CPO trainer with ``loss_type=simpo`` and ``alpha`` (there γ
+    itself is ``simpo_gamma``). Rewards are β·r_α, detached.
     """
     _check_beta(beta)
     avg_c = policy.chosen / policy.chosen_tokens

@@ -43,6 +43,7 @@ from dpo_lab.loggers import log_wandb_media
 from dpo_lab.lora import PeftReference, is_peft
 from dpo_lab.losses import LossSpec
 from dpo_lab.losses import resolve as resolve_loss
+from dpo_lab.metrics import metric_names
 from dpo_lab.models import build_models, load_model, resolve_name_or_path, save_final
 from dpo_lab.module import PreferenceModule
 from dpo_lab.online import OnlinePairs, TaskRewardJudge
@@ -121,13 +122,18 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
     elif cfg.beta is not None:
         raise ConfigError(f"loss={spec.name} takes no beta; got beta={cfg.beta!r} (leave it unset)")
     callbacks = [c for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if cfg.reference.precompute and any(
-        str(c.get("_target_", "")).endswith("ReferenceUpdate") for c in callbacks
-    ):
-        raise ConfigError(
-            "callbacks.reference_update (TR-DPO) moves the reference model, and "
-            "reference.precompute=true scores a fixed one once; drop one of the two"
-        )
+    if any(str(c.get("_target_", "")).endswith("ReferenceUpdate") for c in callbacks):
+        if not spec.reference:
+            raise ConfigError(
+                f"callbacks.reference_update (TR-DPO) moves the reference model, and "
+                f"loss={spec.name} has none"
+            )
+        if cfg.reference.precompute:
+            raise ConfigError(
+                "callbacks.reference_update (TR-DPO) moves the reference model, and "
+                "reference.precompute=true scores a fixed one once; drop one of the two"
+            )
+    metric_names(spec, kwargs, spec.reference)  # the loss's own value checks, before any load
     if cfg.reference.precompute:
         if not spec.reference:
             raise ConfigError(f"reference.precompute=true, but loss={spec.name} uses no reference")

@@ -1230,13 +1230,23 @@ def run_sweeps(
 
 
 def sweep_line(root: Path, study: str, runs: list[Run]) -> str:
-    """What a table was made from: runs, seeds, and the sweep's wall time (sweep.json)."""
-    info = root / study / "sweep.json"
+    """What a table was made from: runs, seeds, and the sweeps' wall times (sweep.json; a study
+    of several sweeps names each)."""
+    sweeps = SWEEPS.get(study, (study,))
+    infos = [
+        (name, json.loads((root / name / "sweep.json").read_text()))
+        for name in sweeps
+        if (root / name / "sweep.json").exists()
+    ]
     wall = ""
-    if info.exists():
-        s = json.loads(info.read_text())
-        threads = f"{s['threads']} thread{'s' if s['threads'] > 1 else ''}"
-        wall = f", sweep wall time {s['wall_s'] / 60:.0f} min ({threads} per job)"
+    if infos:
+        threads = {s["threads"] for _, s in infos}
+        per_job = f"{max(threads)} thread{'s' if max(threads) > 1 else ''} per job"
+        if len(sweeps) == 1:
+            wall = f", sweep wall time {infos[0][1]['wall_s'] / 60:.0f} min ({per_job})"
+        else:
+            each = ", ".join(f"{name} {s['wall_s'] / 60:.0f} min" for name, s in infos)
+            wall = f", sweep wall times {each} ({per_job})"
     seeds = len({r.get("seed") for r in runs})
     return f"_{len(runs)} runs, {seeds} seeds{wall}._"
 
@@ -1271,7 +1281,8 @@ def report(root: Path, studies: list[str], docs: Path, readme: Path | None) -> i
             replace_block(text, study, "")  # every block is there before anything is written
     for study in studies:
         body = STUDY_FNS[study](runs, docs / f"{study}.png")
-        body = sweep_line(root, study, runs[study]) + "\n\n" + body
+        mine = [r for sweep in SWEEPS.get(study, (study,)) for r in runs[sweep]]
+        body = sweep_line(root, study, mine) + "\n\n" + body
         print(f"## {study}\n\n{body}\n")
         if text is not None:
             text = replace_block(text, study, body)

@@ -94,15 +94,20 @@ def test_bco_pair_by_hand_with_its_running_shift():
     # batch 2: log-ratios 2 and 1, rewards 1 and 0.5 → δ = (0.5 − 0.5 + 1 + 0.5)/4 = 0.375
     out = run("bco_pair", paired(0, -1), paired(*REF), beta=0.5, state=state)
     assert out.losses.item() == pytest.approx(sp(-(1 - 0.375)) + sp(0.5 - 0.375))
-    assert (state.mean.item(), state.count.item()) == (0.375, 4.0)
+    assert (state.mean, state.count) == (0.375, 4)
+    # a non-finite reward (a step the non-finite guard skips) leaves δ alone
+    run("bco_pair", paired(float("nan"), -1), paired(*REF), beta=0.5, state=state)
+    assert state.mean == pytest.approx((0.375 * 4 + 0.5) / 5) and state.count == 5
     # validation reads δ, never moves it
     state.eval()
     out = run("bco_pair", paired(5, -5), paired(*REF), beta=0.5, state=state)
-    assert out.metrics["delta"].item() == 0.375 and state.count.item() == 4.0
-    # it is a checkpointable state, float64 whatever the module is cast to
+    assert out.metrics["delta"].item() == pytest.approx(0.4) and state.count == 5
+    # it is checkpointed, and no cast reaches it (bf16 would round 0.123456789 to 0.12353515625)
+    state.mean = 0.123456789
     fresh = RunningMean()
     fresh.load_state_dict(state.state_dict())
-    assert fresh.to(torch.bfloat16).mean.dtype == torch.float64 and fresh.mean.item() == 0.375
+    fresh.to(torch.bfloat16)
+    assert (fresh.mean, fresh.count) == (0.123456789, 5)
     # without a state (a stand-in call), a fresh one is read: δ = 0
     assert LOSSES["bco_pair"](paired(*POL), paired(*REF), beta=0.5).losses.item() == pytest.approx(
         2 * sp(-0.5)
@@ -236,7 +241,7 @@ def test_mix_sums_its_components_by_hand():
     assert out.losses.item() == pytest.approx(0.8 * dpo + 1.0 * sft + 0.2 * bco)
     assert out.metrics["loss/dpo"].item() == pytest.approx(dpo)
     assert out.metrics["loss/sft"].item() == pytest.approx(sft)
-    assert out.metrics["bco_pair/delta"].item() == 0.0 and state["bco_pair"].count.item() == 2
+    assert out.metrics["bco_pair/delta"].item() == 0.0 and state["bco_pair"].count == 2
     assert out.chosen_rewards.item() == pytest.approx(0.5)  # the first component's
     free, kw = resolve("mix", {"components": [{"name": "sft"}]})
     assert not free.reference and kw == {} and free.state is None
@@ -454,8 +459,9 @@ def test_reference_update_by_hand():
     assert torch.allclose(ref_model.bias, torch.full((2,), 0.25 + 0.75 * (0.25 - 0.75)))  # −0.125
     state = cb.state_dict()  # no module seen by setup: nothing to save
     assert state["updates"] == 2 and state["reference"] is None
-    cb.on_fit_end(trainer, module)  # the starting reference back
+    cb.on_fit_end(trainer, module)  # the starting reference back, the moved one kept
     assert torch.equal(ref_model.weight, torch.full((2, 2), 3.0))
+    assert torch.allclose(cb.state_dict()["reference"]["weight"], torch.full((2, 2), 2.125))
     with pytest.raises(ConfigError, match=r"alpha must be in \(0, 1\]"):
         ReferenceUpdate(every_n_steps=2, alpha=0.0)
 
@@ -488,6 +494,15 @@ def test_tr_dpo_trains_against_a_moving_reference_and_reports_against_the_start(
     assert moved == {1: False, 2: True, 3: True, 4: True}
     for k, v in ref.state_dict().items():  # put back for the evaluation
         assert torch.equal(v, start[k]), k
+    # the final checkpoint (written after fitting) holds the moved reference, to extend from
+    from dpo_lab.faults import SaveFinalState
+
+    saver = next(c for c in run.trainer.callbacks if isinstance(c, SaveFinalState))
+    states = torch.load(saver.path, weights_only=False)["callbacks"].values()
+    saved = next(s for s in states if "updates" in s)
+    assert saved["updates"] == 2
+    assert not torch.equal(saved["reference"][next(iter(start))], w0)
+    assert torch.equal(saved["reference"][next(iter(start))], seen[-1][1])
     # a precomputed reference cannot move: one line, before anything is scored
     from dpo_lab.train import check_config
 
@@ -514,11 +529,40 @@ def test_mix_under_wpo_trains_logs_its_parts_and_checkpoints_its_state(cfg_facto
     # the SFT model's weight of the data's pairs: below 1, where its own samples weigh about 1
     assert 0 < logged["train/wpo_weight"].item() < 1
     state = run.module.loss_state["bco_pair"]
-    assert state.count.item() == 2 * 2 * 16  # 2 steps × 16 pairs × (chosen, rejected)
+    assert state.count == 2 * 2 * 16  # 2 steps × 16 pairs × (chosen, rejected)
     path = tmp_path / "x.ckpt"
     run.trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["state_dict"]
-    assert saved["loss_state.bco_pair.mean"].item() == pytest.approx(state.mean.item())
+    assert saved["loss_state.bco_pair._extra_state"] == {"mean": state.mean, "count": 64}
     fresh = build(cfg_factory("loss=mix", "trainer.max_steps=2", "eval.num_prompts=0"))
     fresh.module.load_state_dict(saved)
-    assert fresh.module.loss_state["bco_pair"].count.item() == 64
+    assert fresh.module.loss_state["bco_pair"].count == 64
+
+
+@pytest.mark.slow
+def test_bco_shift_survives_a_bf16_true_resume_exactly(cfg_factory, tmp_path):
+    """A bf16-true run resumed from its checkpoint continues from the exact float64 δ (Lightning
+    loads the checkpoint before it casts the module to bf16)."""
+    from dpo_lab.train import build
+
+    args = ("loss=bco_pair", "trainer.precision=bf16-true", "eval.num_prompts=0",
+            "trainer.max_epochs=2", "model.lr=0.02", "optim.scheduler=null")  # fmt: skip
+    first = build(cfg_factory(*args, "trainer.max_steps=2"))
+    first.trainer.fit(first.module, datamodule=first.datamodule)
+    from dpo_lab.faults import SaveFinalState
+
+    saved = first.module.loss_state
+    # the checkpoint written inside the loop after the last step (mid-epoch, resumable)
+    ckpt = next(c for c in first.trainer.callbacks if isinstance(c, SaveFinalState)).path
+    again = build(cfg_factory(*args, "trainer.max_steps=3"))
+    seen = []
+    update = again.module.loss_state.update
+
+    def spy(values):
+        seen.append((again.module.loss_state.mean, again.module.loss_state.count))
+        return update(values)
+
+    again.module.loss_state.update = spy
+    again.trainer.fit(again.module, datamodule=again.datamodule, ckpt_path=str(ckpt))
+    assert seen[0] == (saved.mean, saved.count) and saved.count == 64
+    assert saved.mean != float(torch.tensor(saved.mean, dtype=torch.bfloat16))  # bf16 would move it

@@ -6,11 +6,15 @@ or hard, π_ref ← π (α = 1, TR-DPO^τ). The paper's values are α = 0.6 and 
 thousands of steps. Any loss with a reference model trains against the moving reference; TRL's
 ``sync_ref_model`` (``ref_model_mixup_alpha``, ``ref_model_sync_steps``) is the same update.
 
-The rest of the run keeps measuring against the starting model, so TR-DPO runs sit on the same
-axes as every other: the probe scored the reference once before training, and at the end of
-fitting the reference is put back to its starting weights (kept on the CPU) before the
-evaluation samples it and reports KL(π‖π_ref). The moving reference is saved in the callback's
-checkpoint state (one more copy of the model), so a resumed run continues from it.
+The loss, and so the ``train/*`` and ``val/*`` rewards, margins and ``ref_logps``, use the moving
+reference, as the method does. The probe and the end-of-run evaluation measure against the
+starting model, so TR-DPO runs sit on the same axes as every other: the probe scored the
+reference once before training, and at the end of fitting the reference is put back to its
+starting weights (kept on the CPU) before the evaluation samples it and reports KL(π‖π_ref).
+The moving reference is saved in the callback's checkpoint state (one more copy of the model),
+the final checkpoint included, so a resumed or extended run continues from it. The callback
+runs before the other callbacks at each step's end, so a checkpoint written at that step holds
+the step's update.
 
 Refused, each as one ConfigError at setup: a reference-free loss (no reference), a precomputed
 reference (no model to update), LoRA (the reference is the policy's own base with the adapters
@@ -20,6 +24,7 @@ parameters are shards there).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -28,6 +33,7 @@ import torch
 from dpo_lab.errors import ConfigError
 
 NAME = "callbacks.reference_update"
+log = logging.getLogger("dpo_lab")
 
 
 class ReferenceUpdate(L.Callback):
@@ -46,6 +52,7 @@ class ReferenceUpdate(L.Callback):
         self._start: dict[str, torch.Tensor] | None = None
         self._resume: dict[str, torch.Tensor] | None = None
         self._module: Any = None
+        self._final: dict[str, torch.Tensor] | None = None
 
     def _model(self, pl_module: Any) -> torch.nn.Module:
         from dpo_lab.lora import PeftReference
@@ -77,13 +84,33 @@ class ReferenceUpdate(L.Callback):
                 "the policy's parameters are shards there; use DDP or one device"
             )
         model = self._model(pl_module)
-        self._module = pl_module
+        ours = {k: tuple(p.shape) for k, p in model.named_parameters()}
+        theirs = {k: tuple(p.shape) for k, p in pl_module.policy.named_parameters()}
+        if ours != theirs:
+            raise ConfigError(
+                f"{NAME} (TR-DPO) moves the reference toward the policy, parameter by parameter; "
+                "they differ (reference.name_or_path names another architecture): "
+                f"{sorted(set(ours.items()) ^ set(theirs.items()))[:3]}"
+            )
+        # first at each step's end, so a checkpoint written at this step holds the update
+        trainer.callbacks.remove(self)
+        trainer.callbacks.insert(0, self)
+        self._module, self._final = pl_module, None
         self._start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self._resume is not None:  # a resumed run continues from the moved reference
             self._model(pl_module).load_state_dict(self._resume)
             self._resume = None
+        total = trainer.estimated_stepping_batches
+        if total != float("inf") and self.every_n_steps > total:
+            log.warning(
+                "%s.every_n_steps=%d, but the run has %d optimizer steps: the reference never "
+                "moves (TR-DPO is plain DPO here)",
+                NAME,
+                self.every_n_steps,
+                int(total),
+            )
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
@@ -99,16 +126,19 @@ class ReferenceUpdate(L.Callback):
         pl_module.log("train/reference_updates", float(self.updates), on_step=True, batch_size=1)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        """The starting reference back, for the evaluation and anything after fitting."""
+        """The starting reference back, for the evaluation and anything after fitting; the moved
+        one kept for the final checkpoint (written after this)."""
         if self._start is not None:
+            self._final = self._copy(pl_module)
             self._model(pl_module).load_state_dict(self._start)
-        self._module = None  # a checkpoint written after this holds no moved reference
+        self._module = None
+
+    def _copy(self, pl_module: Any) -> dict[str, torch.Tensor]:
+        model = self._model(pl_module)
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
-        current = None
-        if self._module is not None:
-            model = self._model(self._module)
-            current = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        current = self._copy(self._module) if self._module is not None else self._final
         return {"last_step": self.last_step, "updates": self.updates, "reference": current}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
