@@ -566,3 +566,33 @@ def test_bco_shift_survives_a_bf16_true_resume_exactly(cfg_factory, tmp_path):
     again.trainer.fit(again.module, datamodule=again.datamodule, ckpt_path=str(ckpt))
     assert seen[0] == (saved.mean, saved.count) and saved.count == 64
     assert saved.mean != float(torch.tensor(saved.mean, dtype=torch.bfloat16))  # bf16 would move it
+
+
+def _two_process_running_mean(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    state = RunningMean().train()
+    # ragged: rank 0 sees 3 values, rank 1 two (one of them non-finite, skipped everywhere)
+    values = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, float("inf")])][rank]
+    first = state.update(values)
+    second = state.update(torch.tensor([4.0 * (rank + 1)]))  # 4 and 8
+    torch.save({"first": first, "second": second, "count": state.count}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_running_mean_is_the_same_on_every_process(tmp_path):
+    """BCO's δ over two gloo processes with batches of different sizes: each process folds in
+    every process's finite values, so both keep the same δ (no buffer broadcast needed)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_process_running_mean, args=(port, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    assert got[0] == got[1]
+    assert got[0]["first"] == pytest.approx(16 / 4)  # (1 + 2 + 3 + 10) / 4
+    assert got[0]["second"] == pytest.approx(28 / 6) and got[0]["count"] == 6
