@@ -1029,11 +1029,15 @@ REFERENCE_FREE = ("simpo", "alphapo", "orpo", "cpo")
 
 
 def loss_zoo(runs: dict[str, list[Run]], out: Path) -> str:
-    """The leaderboard: every paired loss's true reward read off its own frontier at matched KL,
-    ranked at the level most losses reach, with the displacement (share of the probe's chosen
-    completions below the reference) and the sample length there; one frontier figure."""
+    """The leaderboard: every paired loss's (and every option's, on DPO) true reward read off its
+    own frontier at matched KL, ranked at the level most of them reach, with the displacement
+    (share of the probe's chosen completions below the reference) and the sample length there;
+    one frontier figure."""
     all_runs = [r for sweep in READS["loss_zoo"] for r in runs[sweep]]
-    groups = {loss: g for (loss,), g in by(all_runs, "loss.name").items()}
+    # a loss, or an option on one (loss_zoo_options' arms: dpo_wpo, mpo, tr_dpo, ...)
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for r in all_runs:
+        groups[r.arm or r.get("loss.name")].append(r)
     levels = _levels(groups, 3)
     metric = "eval/reward/policy"
 
@@ -1146,7 +1150,7 @@ STUDY_FNS = {
     )
 }
 # A study's sweeps, where it runs more than one (each `experiment=<name>`; default: its own name)
-SWEEPS = {"loss_zoo": ("loss_zoo", "loss_zoo_b", "loss_zoo_c")}
+SWEEPS = {"loss_zoo": ("loss_zoo", "loss_zoo_b", "loss_zoo_c", "loss_zoo_options")}
 # the sweeps each study reads (its own, and the runs it shares)
 READS = {
     "beta_frontier": ["beta_frontier"],

@@ -60,7 +60,9 @@ def test_every_study_arm_composes(tmp_path, study, arm):
 
 
 def test_every_registered_loss_has_a_yaml():
-    assert {p.stem for p in (CONF / "loss").glob("*.yaml")} == set(LOSSES)
+    from dpo_lab.losses import MIX
+
+    assert {p.stem for p in (CONF / "loss").glob("*.yaml")} == set(LOSSES) | {MIX}
 
 
 def test_beta_default_comes_from_the_loss_and_cli_wins(tmp_path):

@@ -250,6 +250,7 @@ def _fake_sweeps(root: Path) -> None:
                 ("loss_zoo_c", "simpo", -0.05),
             ):
                 add(sweep, loss, beta, seed, kl, r + offset)
+            add("loss_zoo_options", "dpo", beta, seed, kl, r + 0.05, arm="dpo_wpo")
         for loss in ("dpo", "dpop"):
             add("displacement", loss, 0.1, seed, 4.0, 0.3)
         for beta in (0.5, 1.0):
@@ -297,14 +298,15 @@ def test_study_tables_and_figures_build_from_run_dirs(tmp_path, study, capsys):
         # the three sweeps read as one; three levels in [1, 16]: 2^(2/3), 4, 2^(10/3); ranked at
         # the one every loss reaches closest to KL 1, best first
         board = [x for x in rows if x.split(" | ")[1] in ("free", "π_ref")]
-        assert [x.split(" | ")[0] for x in board] == ["| cpo", "| dpo", "| simpo"]
+        names = [x.split(" | ")[0] for x in board]  # an option on DPO is its own row
+        assert names == ["| cpo", "| dpo_wpo", "| dpo", "| simpo"]
         head = "reward @ KL = 1.6 | reward @ KL = 4 | reward @ KL = 10 | chosen below ref @ 1.6"
         assert head in stdout
         at = math.log2(1.6) / 10 + 0.005  # the frontier at the level (2^(2/3), shown rounded)
         assert board[0].startswith(f"| cpo | free | {at + 0.1:.3f} ± 0.064 |")
-        assert board[2].startswith(f"| simpo | free | {at - 0.05:.3f} ± 0.064 |")
+        assert board[3].startswith(f"| simpo | free | {at - 0.05:.3f} ± 0.064 |")
         # displacement, length (10 + KL, interpolated in log KL: 11 + 3·log 1.6/log 4), KL range
-        assert "| 0.80 ± 0.00 | 12.0 ± 0.0 | 1–16 |" in board[1]
+        assert "| 0.80 ± 0.00 | 12.0 ± 0.0 | 1–16 |" in board[2]
 
 
 def test_ci95_by_hand():
