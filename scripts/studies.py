@@ -1028,45 +1028,82 @@ def real_sentiment(runs: dict[str, list[Run]], out: Path) -> str:
 REFERENCE_FREE = ("simpo", "alphapo", "orpo", "cpo")
 
 
+def covering_levels(ranges: list[tuple[float, float]], n: int = 4, apart: float = 2.0):
+    """Up to ``n`` KL levels, greedily each the one inside the most of ``ranges`` not yet given a
+    level (once every range has one, the most of all of them; ties: nearer KL 1), at least
+    ``apart``× from the others, rounded to 2 significant digits inside the ranges it was chosen
+    for; sorted. Where frontiers are short and spread over a wide KL range (a loss zoo over one
+    β grid): as few levels as give every frontier one, then more where most of them reach."""
+    candidates = {x for lo, hi in ranges for x in (lo, hi, math.sqrt(lo * hi))}
+    nice = {m * 10.0**e for e in range(-3, 3) for m in (1, 1.5, 2, 3, 5, 7)}
+    grid = sorted(nice | candidates)
+    left: list[tuple[float, float]] = []
+    levels: list[float] = []
+    while ranges and len(levels) < n:
+        left = left or list(ranges)  # every range has a level: more where most of them reach
+
+        def score(kl: float, pool: list = left) -> tuple[int, float]:
+            return (sum(lo <= kl <= hi for lo, hi in pool), -abs(math.log(kl)))
+
+        spaced = [kl for kl in grid if all(max(kl / x, x / kl) >= apart for x in levels)]
+        best = max(spaced, key=score, default=None)
+        if best is None or score(best)[0] == 0:
+            break
+        inside = [(lo, hi) for lo, hi in left if lo <= best <= hi]
+        lo, hi = max(r[0] for r in inside), min(r[1] for r in inside)
+        levels.append(_round_within(best, lo, hi))
+        left = [r for r in left if r not in inside]
+    return sorted(levels)
+
+
 def loss_zoo(runs: dict[str, list[Run]], out: Path) -> str:
-    """The leaderboard: every paired loss's (and every option's, on DPO) true reward read off its
-    own frontier at matched KL, ranked at the level most of them reach, with the displacement
-    (share of the probe's chosen completions below the reference) and the sample length there;
-    one frontier figure."""
+    """The leaderboard: every paired loss (and every option, on DPO) ranked by its best true
+    reward over its β grid (mean over seeds), with that β's KL; and its true reward read off its
+    own frontier at matched KL levels (``covering_levels``: as few levels as give most losses
+    one), with the displacement (share of the probe's chosen completions below the reference)
+    and the sample length at the level nearest KL 1 it reaches; one frontier figure."""
     all_runs = [r for sweep in READS["loss_zoo"] for r in runs[sweep]]
     # a loss, or an option on one (loss_zoo_options' arms: dpo_wpo, mpo, tr_dpo, ...)
     groups: dict[str, list[Run]] = defaultdict(list)
     for r in all_runs:
         groups[r.arm or r.get("loss.name")].append(r)
-    levels = _levels(groups, 3)
     metric = "eval/reward/policy"
+    ranges = {n: rng for n, g in groups.items() if (rng := kl_range(g, metric))}
+    levels = covering_levels(list(ranges.values()))
 
-    def covered(kl: float) -> int:
-        return sum(_covers(g, metric, kl) for g in groups.values())
+    def best(g: list[Run]) -> tuple[float, float, list[Run]]:
+        """(mean reward, β, runs) of the β whose usable runs have the best mean reward."""
+        options = [
+            (statistics.fmean(r[metric] for r in b), beta, b)
+            for (beta,), b in by(usable(g), "beta").items()
+            if b and all(math.isfinite(r[metric]) for r in b)
+        ]
+        return max(options, key=lambda o: o[0], default=(-math.inf, math.nan, []))
 
-    rank_at = max(levels, key=lambda kl: (covered(kl), -abs(math.log(kl))), default=None)
-
-    def score(name: str) -> float:
-        if rank_at is None or not _covers(groups[name], metric, rank_at):
-            return -math.inf
-        vals = list(matched(groups[name], metric, rank_at).values())
-        return statistics.fmean(vals) if vals else -math.inf
-
-    order = sorted(groups, key=lambda n: (-score(n), n))
+    order = sorted(groups, key=lambda n: (-best(groups[n])[0], n))
     rows = []
     for name in order:
         g = groups[name]
-        at = rank_at if rank_at is not None and _covers(g, metric, rank_at) else None
+        top, beta, top_runs = best(g)
+        k = len(top_runs)
+        reached = [kl for kl in levels if _covers(g, metric, kl)]
+        at = min(reached, key=lambda kl: abs(math.log(kl)), default=None)
         side = (
-            [_cell(g, "probe/frac_chosen_below_ref", at, 2), _cell(g, "eval/length/policy", at, 1)]
+            [
+                f"{_cell(g, 'probe/frac_chosen_below_ref', at, 2)} @ {at:g}",
+                f"{_cell(g, 'eval/length/policy', at, 1)} @ {at:g}",
+            ]
             if at is not None
             else ["—", "—"]
         )
-        rng = kl_range(g, metric)
+        rng = ranges.get(name)
         rows.append(
             [
                 name,
                 "free" if name in REFERENCE_FREE else "π_ref",
+                "—" if not top_runs else fmt([r[metric] for r in top_runs], 3, k),
+                "—" if not top_runs else f"{beta:g}",
+                "—" if not top_runs else fmt_kl([r["eval/kl"] for r in top_runs], k),
                 *(_cell(g, metric, kl) for kl in levels),
                 *side,
                 "—" if rng is None else f"{rng[0]:.2g}–{rng[1]:.2g}",
@@ -1078,9 +1115,12 @@ def loss_zoo(runs: dict[str, list[Run]], out: Path) -> str:
     header = [
         "loss",
         "reference",
+        "best reward",
+        "at β",
+        "its KL",
         *(f"reward @ KL = {kl:g}" for kl in levels),
-        f"chosen below ref @ {rank_at:g}" if rank_at else "chosen below ref",
-        f"length @ {rank_at:g}" if rank_at else "length",
+        "chosen below ref",
+        "length",
         "KL range",
         "capped",
         "left out",
@@ -1088,16 +1128,18 @@ def loss_zoo(runs: dict[str, list[Run]], out: Path) -> str:
     ]
     _zoo_figure(groups, all_runs, out)
     ref = [r["eval/reward/reference"] for r in all_runs]
+    reach = ", ".join(
+        f"{kl:g}: {sum(_covers(g, metric, kl) for g in groups.values())}" for kl in levels
+    )
     return "\n\n".join(
         [
-            f"Leaderboard, ranked by the true reward at KL = {rank_at:g}, the level that most "
-            f"losses' frontiers reach ({covered(rank_at)} of {len(groups)}); the reference "
-            f"(SFT) model's reward is {statistics.fmean(ref):.3f}:"
-            if rank_at
-            else "No KL level is reached by two losses' frontiers:",
+            f"{len(groups)} losses and options, ranked by the best mean true reward over their β "
+            f"grid (its β and KL beside it); the reference (SFT) model's reward is "
+            f"{statistics.fmean(ref):.3f}. The reward at matched KL compares like with like "
+            f"where frontiers meet; levels and how many frontiers reach each: {reach}. Chosen "
+            "below ref and length: at the level nearest KL 1 that the row's frontier reaches.",
             table(header, rows),
-            CAPTION + " A loss whose frontier does not reach a level has no value there (—): it is "
-            "ranked below every loss that does, by name.",
+            CAPTION + " A frontier that does not reach a level has no value there (—).",
             "<details><summary>Every loss and β</summary>",
             table(PER_BETA, _per_beta_rows(groups)),
             "</details>",

@@ -295,18 +295,18 @@ def test_study_tables_and_figures_build_from_run_dirs(tmp_path, study, capsys):
         assert "(n=1)" in simpo  # seed 1's frontier now stops at KL 4
         assert next(x for x in rows if x.startswith("| ipo − dpo |")).count("+0.000 ± 0.000") == 4
     if study == "loss_zoo":
-        # the three sweeps read as one; three levels in [1, 16]: 2^(2/3), 4, 2^(10/3); ranked at
-        # the one every loss reaches closest to KL 1, best first
+        # the four sweeps read as one; ranked by the best mean reward over β (KL 16: 0.4 + 0.005
+        # + the row's offset), an option on DPO its own row; every frontier spans KL 1–16, so
+        # the levels are 1 (nearest KL 1), then, 2× apart, 2, 4 (a frontier's middle), 10
         board = [x for x in rows if x.split(" | ")[1] in ("free", "π_ref")]
-        names = [x.split(" | ")[0] for x in board]  # an option on DPO is its own row
-        assert names == ["| cpo", "| dpo_wpo", "| dpo", "| simpo"]
-        head = "reward @ KL = 1.6 | reward @ KL = 4 | reward @ KL = 10 | chosen below ref @ 1.6"
+        assert [x.split(" | ")[0] for x in board] == ["| cpo", "| dpo_wpo", "| dpo", "| simpo"]
+        head = "| reward @ KL = 1 | reward @ KL = 2 | reward @ KL = 4 | reward @ KL = 10 |"
         assert head in stdout
-        at = math.log2(1.6) / 10 + 0.005  # the frontier at the level (2^(2/3), shown rounded)
-        assert board[0].startswith(f"| cpo | free | {at + 0.1:.3f} ± 0.064 |")
-        assert board[3].startswith(f"| simpo | free | {at - 0.05:.3f} ± 0.064 |")
-        # displacement, length (10 + KL, interpolated in log KL: 11 + 3·log 1.6/log 4), KL range
-        assert "| 0.80 ± 0.00 | 12.0 ± 0.0 | 1–16 |" in board[2]
+        at = [math.log2(kl) / 10 + 0.005 for kl in (1, 2, 4, 10)]  # the frontier, by hand
+        cells = " | ".join(f"{v + 0.1:.3f} ± 0.064" for v in at)
+        assert board[0].startswith(f"| cpo | free | 0.505 ± 0.064 | 0.01 | 16 ×/÷ 1.00 | {cells} |")
+        # displacement and length at KL 1 (length 10 + KL), the KL range, nothing left out
+        assert board[2].endswith("| 0.80 ± 0.00 @ 1 | 11.0 ± 0.0 @ 1 | 1–16 | 0.000 | 0 | 2 |")
 
 
 def test_ci95_by_hand():
@@ -365,3 +365,14 @@ def test_report_rewrites_the_readme_blocks_and_refuses_a_missing_one(tmp_path, c
     (tmp_path / "beta_frontier").rename(tmp_path / "elsewhere")  # a sweep it reads is missing
     assert s.report(tmp_path, ["kto_binary"], docs, None) == 2
     assert "beta_frontier" in capsys.readouterr().err
+
+
+def test_covering_levels_give_every_short_frontier_a_level():
+    """Frontiers over one β grid can be short and far apart: the first level sits where most of
+    them meet (2: inside 1–4 and 2–8; nearest KL 1 among the ties), then each frontier still
+    without one gets one (0.6, its end nearest KL 1; then 10), then levels go where most
+    frontiers reach, 2× apart from the others (4: inside 1–4 and 2–8; 1 is too near 0.6)."""
+    levels = _studies().covering_levels([(0.3, 0.6), (1, 4), (2, 8), (10, 20)])
+    assert levels == [0.6, 2, 4, 10]
+    assert _studies().covering_levels([(0.3, 0.6), (1, 4), (2, 8), (10, 20)], n=3) == [0.6, 2, 10]
+    assert _studies().covering_levels([]) == []
