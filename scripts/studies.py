@@ -312,10 +312,9 @@ def _errorbar_frontier(
         [p[1] for p in pts],
         xerr=[[p[2] for p in pts], [p[3] for p in pts]],
         yerr=[p[4] for p in pts],
-        marker="o",
         capsize=3,
         label=label,
-        **kw,
+        **{"marker": "o", **kw},
     )
     for p in pts if annotate else []:
         ax.annotate(f"β={p[5]:g}", p[:2], fontsize=7, xytext=(4, -10), textcoords="offset points")
@@ -1157,10 +1156,11 @@ def _zoo_figure(groups: dict[str, list[Run]], reference: list[Run], out: Path) -
     )
     cmap = plt.get_cmap("tab20")
     for ax, names, title in zip(
-        axes, panels, ("losses with a reference", "reference-free (DPO for scale)"), strict=True
+        axes, panels, ("with a reference", "reference-free (DPO for scale)"), strict=True
     ):
         for i, name in enumerate(n for n in names if n in groups):
-            style = {"color": cmap(i % 20), "lw": 1, "ms": 3}
+            marker = "os^v"[(i // 20) % 4]  # 20 colours, then another marker
+            style = {"color": cmap(i % 20), "lw": 1, "ms": 3, "marker": marker}
             if name == "dpo":
                 style |= {"color": "black", "lw": 2}
             _errorbar_frontier(ax, groups[name], "eval/reward/policy", name, **style)
@@ -1172,7 +1172,7 @@ def _zoo_figure(groups: dict[str, list[Run]], reference: list[Run], out: Path) -
             out if ax is axes[-1] else None,
             xlabel="KL(π‖π_ref), nats (log scale)",
             ylabel="true reward of policy samples",
-            title=f"Loss zoo: {title} (mean ± 95% CI over seeds)",
+            title=f"Loss zoo, {title}",
             legend_size=6,
         )
 
