@@ -414,8 +414,9 @@ def _f_prime(divergence: str, alpha: float) -> Callable[[Tensor], Tensor]:
     """f′(u) as a function of log u, for the f-divergences of f-DPO (see ``dpo``)."""
     if divergence == "reverse_kl":
         return lambda lr: lr
-    # u^−α = exp(−α·log u) is clamped at exp(80) (as TRL clamps its α-divergence): a rejected
-    # log-ratio below −80 nats, common in long runs, would overflow fp32 to inf and the loss to NaN
+    # exp(−log u) and u^−α = exp(−α·log u) are clamped at exp(80) (TRL clamps its α-divergence
+    # alone): a log-ratio below −88.7 nats (−88.7/α), common in long runs, would overflow fp32
+    # to inf and the loss to NaN; past the clamp that side's gradient is 0
     if divergence == "forward_kl":
         return lambda lr: -torch.expm1(torch.clamp(-lr, max=_EXP_MAX))  # 1 − 1/u
     if divergence == "js_divergence":
@@ -590,7 +591,7 @@ class RunningMean(nn.Module):
             from dpo_lab.sharding import all_gather_ragged
 
             values = all_gather_ragged(values.detach().double())
-            values = values[torch.isfinite(values)]  # a skipped non-finite step leaves δ alone
+            values = values[torch.isfinite(values)]  # a NaN/inf reward never enters δ
             n = values.numel()
             if n:
                 self.count += n

@@ -1027,37 +1027,59 @@ def real_sentiment(runs: dict[str, list[Run]], out: Path) -> str:
 REFERENCE_FREE = ("simpo", "alphapo", "orpo", "cpo")
 
 
-def covering_levels(ranges: list[tuple[float, float]], n: int = 4, apart: float = 2.0):
+def covering_levels(
+    ranges: list[tuple[float, float]], n: int = 4, apart: float = 2.0, inset: float = 1.2
+):
     """Up to ``n`` KL levels, greedily each the one inside the most of ``ranges`` not yet given a
     level (once every range has one, the most of all of them; ties: nearer KL 1), at least
-    ``apart``× from the others, rounded to 2 significant digits inside the ranges it was chosen
-    for; sorted. Where frontiers are short and spread over a wide KL range (a loss zoo over one
-    β grid): as few levels as give every frontier one, then more where most of them reach."""
-    candidates = {x for lo, hi in ranges for x in (lo, hi, math.sqrt(lo * hi))}
+    ``apart``× from the others after rounding (2 significant digits, more where needed to stay
+    inside the ranges it was chosen for); sorted. Each range is first drawn in by ``inset``× at
+    both ends (a narrow one to the middle half of its log width): a range runs between per-β
+    median KLs, so at its very ends about half the seeds' own frontiers stop short. A range
+    that no level can reach, apart from the others, is passed over. Where frontiers are short
+    and spread over a wide KL range (a loss zoo over one β grid): as few levels as give every
+    frontier one, then more where most of them reach."""
+    inner = []
+    for lo, hi in ranges:
+        k = min(inset, (hi / lo) ** 0.25)  # a narrow range keeps half its (log) width
+        inner.append((lo * k, hi / k))
+    candidates = {x for lo, hi in inner for x in (lo, hi, math.sqrt(lo * hi))}
     nice = {m * 10.0**e for e in range(-3, 3) for m in (1, 1.5, 2, 3, 5, 7)}
     grid = sorted(nice | candidates)
     left: list[tuple[float, float]] = []
     levels: list[float] = []
-    while ranges and len(levels) < n:
-        left = left or list(ranges)  # every range has a level: more where most of them reach
+    while inner and len(levels) < n:
+        left = left or list(inner)  # every range has a level: more where most of them reach
 
-        def score(kl: float, pool: list = left) -> tuple[int, float]:
-            return (sum(lo <= kl <= hi for lo, hi in pool), -abs(math.log(kl)))
+        def spaced(x: float) -> bool:
+            return all(max(x / y, y / x) >= apart for y in levels)
 
-        spaced = [kl for kl in grid if all(max(kl / x, x / kl) >= apart for x in levels)]
-        best = max(spaced, key=score, default=None)
-        if best is None or score(best)[0] == 0:
-            break
-        inside = [(lo, hi) for lo, hi in left if lo <= best <= hi]
-        lo, hi = max(r[0] for r in inside), min(r[1] for r in inside)
-        levels.append(_round_within(best, lo, hi))
-        left = [r for r in left if r not in inside]
+        best = None
+
+        def rank(x: float, pool: list = left) -> tuple[int, float]:
+            return (-sum(lo <= x <= hi for lo, hi in pool), abs(math.log(x)))
+
+        for kl in sorted(grid, key=rank):
+            inside = [(lo, hi) for lo, hi in left if lo <= kl <= hi]
+            if not inside:
+                break
+            level = _round_within(kl, max(r[0] for r in inside), min(r[1] for r in inside))
+            if spaced(level):
+                best = (level, inside)
+                break
+        if best is None:  # no level reaches these apart from the others: pass them over
+            inner = [r for r in inner if r not in left]
+            left = []
+            continue
+        levels.append(best[0])
+        left = [r for r in left if r not in best[1]]
     return sorted(levels)
 
 
 def loss_zoo(runs: dict[str, list[Run]], out: Path) -> str:
     """The leaderboard: every paired loss (and every option, on DPO) ranked by its best true
-    reward over its β grid (mean over seeds), with that β's KL; and its true reward read off its
+    reward over its β grid (mean over seeds, among the β none of whose runs the cap censored),
+    with that β's KL; and its true reward read off its
     own frontier at matched KL levels (``covering_levels``: as few levels as give most losses
     one), with the displacement (share of the probe's chosen completions below the reference)
     and the sample length at the level nearest KL 1 it reaches; one frontier figure."""
@@ -1068,23 +1090,30 @@ def loss_zoo(runs: dict[str, list[Run]], out: Path) -> str:
         groups[r.arm or r.get("loss.name")].append(r)
     metric = "eval/reward/policy"
     ranges = {n: rng for n, g in groups.items() if (rng := kl_range(g, metric))}
-    levels = covering_levels(list(ranges.values()))
+    levels = [  # a level only one frontier reaches compares nothing
+        kl
+        for kl in covering_levels(list(ranges.values()), n=6)
+        if sum(_covers(g, metric, kl) for g in groups.values()) > 1
+    ]
 
-    def best(g: list[Run]) -> tuple[float, float, list[Run]]:
-        """(mean reward, β, runs) of the β whose usable runs have the best mean reward."""
+    def best(g: list[Run]) -> tuple[float, float, list[Run], int]:
+        """(mean reward, β, usable runs, runs) of the β with the best mean reward among the β
+        whose every run is usable (not censored by the cap); only where no β is, among the
+        usable runs of each, the cell then saying over how many seeds (n=)."""
+        per_beta = [(beta, b, usable(b)) for (beta,), b in by(g, "beta").items()]
+        clean = [(beta, b, u) for beta, b, u in per_beta if u and len(u) == len(b)]
         options = [
-            (statistics.fmean(r[metric] for r in b), beta, b)
-            for (beta,), b in by(usable(g), "beta").items()
-            if b and all(math.isfinite(r[metric]) for r in b)
+            (statistics.fmean(r[metric] for r in u), beta, u, len(b))
+            for beta, b, u in (clean or [x for x in per_beta if x[2]])
+            if all(math.isfinite(r[metric]) for r in u)
         ]
-        return max(options, key=lambda o: o[0], default=(-math.inf, math.nan, []))
+        return max(options, key=lambda o: o[0], default=(-math.inf, math.nan, [], 0))
 
     order = sorted(groups, key=lambda n: (-best(groups[n])[0], n))
     rows = []
     for name in order:
         g = groups[name]
-        top, beta, top_runs = best(g)
-        k = len(top_runs)
+        top, beta, top_runs, k = best(g)
         reached = [kl for kl in levels if _covers(g, metric, kl)]
         at = min(reached, key=lambda kl: abs(math.log(kl)), default=None)
         side = (

@@ -147,7 +147,8 @@ def test_discopop_by_hand():
         (1 - m) * sp(-1.0) + m * math.exp(-1)
     )
     # at the start (policy = reference, ρ = 0) the loss rises with the margin:
-    # dL/dρ = (1 − log 2)/(4τ) − 3/4, positive for τ < 0.41; the chosen log-prob's gradient: β·that
+    # dL/dρ = (1 − log 2)/(4τ) − 3/4, positive for τ < (1 − log 2)/3 ≈ 0.10; the chosen log-prob's
+    # gradient is β·that
     pol = paired(-2, -2, grad=True)
     run("discopop", pol, paired(*REF), beta=0.5, tau=0.05).losses.sum().backward()
     assert pol.chosen.grad.item() == pytest.approx(0.5 * ((1 - math.log(2)) / 0.2 - 0.75))
@@ -448,7 +449,7 @@ def test_reference_update_by_hand():
     module = SimpleNamespace(
         policy=policy, reference=LiveReference(ref_model), log=lambda *a, **k: None
     )
-    trainer = SimpleNamespace(global_step=0, strategy=None)
+    trainer = SimpleNamespace(global_step=0, strategy=None, is_global_zero=True)
     cb = ReferenceUpdate(every_n_steps=2, alpha=0.25)
     cb._start = {k: v.clone() for k, v in ref_model.state_dict().items()}
     for step in (1, 2, 2, 3, 4):  # step 2 twice: a second micro-batch of the same optimizer step

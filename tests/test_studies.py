@@ -296,17 +296,21 @@ def test_study_tables_and_figures_build_from_run_dirs(tmp_path, study, capsys):
         assert next(x for x in rows if x.startswith("| ipo − dpo |")).count("+0.000 ± 0.000") == 4
     if study == "loss_zoo":
         # the four sweeps read as one; ranked by the best mean reward over β (KL 16: 0.4 + 0.005
-        # + the row's offset), an option on DPO its own row; every frontier spans KL 1–16, so
-        # the levels are 1 (nearest KL 1), then, 2× apart, 2, 4 (a frontier's middle), 10
+        # + the row's offset), an option on DPO its own row; every frontier spans KL 1–16,
+        # drawn in to 1.2–13.3, so the levels are 1.2 (nearest KL 1), then, 2× apart, 3 and 7
         board = [x for x in rows if x.split(" | ")[1] in ("free", "π_ref")]
         assert [x.split(" | ")[0] for x in board] == ["| cpo", "| dpo_wpo", "| dpo", "| simpo"]
-        head = "| reward @ KL = 1 | reward @ KL = 2 | reward @ KL = 4 | reward @ KL = 10 |"
+        head = (
+            "| its KL | reward @ KL = 1.2 | reward @ KL = 3 | reward @ KL = 7 | chosen below ref |"
+        )
         assert head in stdout
-        at = [math.log2(kl) / 10 + 0.005 for kl in (1, 2, 4, 10)]  # the frontier, by hand
+        at = [math.log2(kl) / 10 + 0.005 for kl in (1.2, 3, 7)]  # the frontier, by hand
         cells = " | ".join(f"{v + 0.1:.3f} ± 0.064" for v in at)
         assert board[0].startswith(f"| cpo | free | 0.505 ± 0.064 | 0.01 | 16 ×/÷ 1.00 | {cells} |")
-        # displacement and length at KL 1 (length 10 + KL), the KL range, nothing left out
-        assert board[2].endswith("| 0.80 ± 0.00 @ 1 | 11.0 ± 0.0 @ 1 | 1–16 | 0.000 | 0 | 2 |")
+        # displacement and length at 1.2 (length 10 + KL, in log KL: 11 + 3·log 1.2/log 4), the
+        # KL range, nothing left out
+        tail = "| 0.80 ± 0.00 @ 1.2 | 11.4 ± 0.0 @ 1.2 | 1–16 | 0.000 | 0 | 2 |"
+        assert board[2].endswith(tail)
 
 
 def test_ci95_by_hand():
@@ -368,11 +372,15 @@ def test_report_rewrites_the_readme_blocks_and_refuses_a_missing_one(tmp_path, c
 
 
 def test_covering_levels_give_every_short_frontier_a_level():
-    """Frontiers over one β grid can be short and far apart: the first level sits where most of
-    them meet (2: inside 1–4 and 2–8; nearest KL 1 among the ties), then each frontier still
-    without one gets one (0.6, its end nearest KL 1; then 10), then levels go where most
-    frontiers reach, 2× apart from the others (4: inside 1–4 and 2–8; 1 is too near 0.6)."""
-    levels = _studies().covering_levels([(0.3, 0.6), (1, 4), (2, 8), (10, 20)])
-    assert levels == [0.6, 2, 4, 10]
-    assert _studies().covering_levels([(0.3, 0.6), (1, 4), (2, 8), (10, 20)], n=3) == [0.6, 2, 10]
+    """Frontiers over one β grid can be short and far apart. Each range is drawn in 1.2× at both
+    ends (0.36–0.5, 1.2–3.3, 2.4–6.7, 12–17). The first level sits where most of them meet (2.4:
+    inside 1.2–3.3 and 2.4–6.7, the point nearest KL 1), then each frontier still without one
+    gets one, 2× apart (0.5, its end nearest KL 1; then 12), then levels go where most reach
+    (1.2: 1.2–3.3 alone, the others too near)."""
+    ranges = [(0.3, 0.6), (1, 4), (2, 8), (10, 20)]
+    assert _studies().covering_levels(ranges) == [0.5, 1.2, 2.4, 12]
+    assert _studies().covering_levels(ranges, n=3) == [0.5, 2.4, 12]
+    # a range no level can reach 2× from the others (0.72–0.78, near 1.2) is passed over, and
+    # levels still go on where the others reach
+    assert _studies().covering_levels([(1, 16), (0.7, 0.8)], n=4) == [1.2, 3, 7]
     assert _studies().covering_levels([]) == []

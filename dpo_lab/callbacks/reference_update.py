@@ -24,16 +24,15 @@ parameters are shards there).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dpo_lab.errors import ConfigError
 
 NAME = "callbacks.reference_update"
-log = logging.getLogger("dpo_lab")
 
 
 class ReferenceUpdate(L.Callback):
@@ -103,13 +102,11 @@ class ReferenceUpdate(L.Callback):
             self._model(pl_module).load_state_dict(self._resume)
             self._resume = None
         total = trainer.estimated_stepping_batches
-        if total != float("inf") and self.every_n_steps > total:
-            log.warning(
-                "%s.every_n_steps=%d, but the run has %d optimizer steps: the reference never "
-                "moves (TR-DPO is plain DPO here)",
-                NAME,
-                self.every_n_steps,
-                int(total),
+        if total != float("inf") and self.every_n_steps >= total:
+            rank_zero_warn(
+                f"{NAME}.every_n_steps={self.every_n_steps}, but the run has {int(total)} "
+                "optimizer steps: no training step sees a moved reference (TR-DPO is plain DPO "
+                "here)"
             )
 
     @torch.no_grad()
@@ -128,10 +125,10 @@ class ReferenceUpdate(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         """The starting reference back, for the evaluation and anything after fitting; the moved
         one kept for the final checkpoint (written after this)."""
-        if self._start is not None:
-            self._final = self._copy(pl_module)
+        if self._start is not None:  # only the process that writes checkpoints keeps a copy
+            self._final = self._copy(pl_module) if trainer.is_global_zero else None
             self._model(pl_module).load_state_dict(self._start)
-        self._module = None
+        self._module, self._start = None, None
 
     def _copy(self, pl_module: Any) -> dict[str, torch.Tensor]:
         model = self._model(pl_module)
