@@ -579,6 +579,7 @@ def _two_process_running_mean(rank: int, port: int, out: str) -> None:
     first = state.update(values)
     second = state.update(torch.tensor([4.0 * (rank + 1)]))  # 4 and 8
     torch.save({"first": first, "second": second, "count": state.count}, f"{out}/{rank}.pt")
+    dist.barrier()  # neither leaves while the other still talks (gloo aborts on that)
     dist.destroy_process_group()
 
 
