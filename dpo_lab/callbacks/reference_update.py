@@ -95,7 +95,7 @@ class ReferenceUpdate(L.Callback):
         trainer.callbacks.remove(self)
         trainer.callbacks.insert(0, self)
         self._module, self._final = pl_module, None
-        self._start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self._start = self._copy(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self._resume is not None:  # a resumed run continues from the moved reference

@@ -328,26 +328,16 @@ def build(
     warrants: the Bradley-Terry logit gains ``length_bias`` per word of length difference (the
     ``length_bias`` study). The reward itself is unchanged.
     """
-    gen = dict(DEFAULT_GENERATOR)
-    unknown = set(generator or {}) - set(gen)
-    if unknown:
-        from dpo_lab.errors import ConfigError
-
-        raise ConfigError(
-            f"dataset.source.generator: unknown key(s) {sorted(unknown)}; accepted: {sorted(gen)}"
-        )
-    gen.update(generator or {})
-    settings = dict(
+    settings = _settings(
         seed=seed,
         n_sft=n_sft,
         n_train=n_train,
         n_val=n_val,
         max_new_tokens=max_new_tokens,
         bt_temperature=bt_temperature,
-        generator=gen,
+        length_bias=length_bias,
+        generator=generator,
     )
-    if length_bias:  # only when set, so the default task keeps its cache key
-        settings["length_bias"] = length_bias
     key = cache_key(settings)
     if key in SHIPPED:  # the default task: the same bytes on every machine (see ``install``)
         return install(key, verbose=verbose)
@@ -449,7 +439,7 @@ _GZIPPED = (".jsonl",)  # stored gzipped in shipped/ (the weights do not compres
 def artifact_digest(root: Path) -> str:
     """sha256 over every file of a built task (relative path and content), in path order."""
     h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in _files(root):
         h.update(f"{path.relative_to(root).as_posix()}\0".encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
@@ -464,7 +454,7 @@ def install(key: str, *, verbose: bool = True) -> Path:
     if (root / "meta.json").exists():
         return root
     src = SHIPPED_DIR / f"sentiment-{key}"
-    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else []
+    files = _files(src) if src.is_dir() else []
     if not any(p.name == "meta.json" for p in files):
         raise RuntimeError(
             f"the default sentiment task should ship in {src}, which is missing or incomplete; "
@@ -496,7 +486,7 @@ def pack(built: Path, dest: Path) -> str:
     timestamp, so packing is deterministic); returns its ``artifact_digest``."""
     if dest.exists():
         shutil.rmtree(dest)
-    for path in sorted(p for p in built.rglob("*") if p.is_file()):
+    for path in _files(built):
         rel = path.relative_to(built)
         out = dest / rel
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -520,19 +510,36 @@ def ship(dest: Path = SHIPPED_DIR) -> tuple[str, str]:
         return key, pack(built, dest / f"sentiment-{key}")
 
 
-def _default_settings() -> dict[str, Any]:
-    sig = inspect.signature(build)
-    defaults = {k: p.default for k, p in sig.parameters.items() if k != "verbose"}
+def _settings(
+    *, length_bias: float, generator: dict[str, Any] | None, **rest: Any
+) -> dict[str, Any]:
+    """The settings a build is keyed by: ``build``'s arguments, the generator's keys checked and
+    completed from ``DEFAULT_GENERATOR``, ``length_bias`` only where set (so the default task
+    keeps its cache key)."""
     gen = dict(DEFAULT_GENERATOR)
-    return dict(
-        seed=defaults["seed"],
-        n_sft=defaults["n_sft"],
-        n_train=defaults["n_train"],
-        n_val=defaults["n_val"],
-        max_new_tokens=defaults["max_new_tokens"],
-        bt_temperature=defaults["bt_temperature"],
-        generator=gen,
-    )
+    unknown = set(generator or {}) - set(gen)
+    if unknown:
+        from dpo_lab.errors import ConfigError
+
+        raise ConfigError(
+            f"dataset.source.generator: unknown key(s) {sorted(unknown)}; accepted: {sorted(gen)}"
+        )
+    gen.update(generator or {})
+    settings = {**rest, "generator": gen}
+    if length_bias:
+        settings["length_bias"] = length_bias
+    return settings
+
+
+def _default_settings() -> dict[str, Any]:
+    """The settings of ``build()`` with every argument at its default."""
+    sig = inspect.signature(build)
+    return _settings(**{k: p.default for k, p in sig.parameters.items() if k != "verbose"})
+
+
+def _files(root: Path) -> list[Path]:
+    """Every file under ``root``, in path order."""
+    return sorted(p for p in root.rglob("*") if p.is_file())
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
