@@ -149,6 +149,8 @@ def completion_logps(
     recompute: bool = True,
     first: Tensor | None = None,
     aligned: bool = False,
+    per_token: bool = False,
+    hidden_states: bool = False,
 ) -> tuple[Tensor, ...]:
     """Summed log-probs of each row's completion tokens and their count.
 
@@ -166,7 +168,11 @@ def completion_logps(
         first: (N,) where given, also the sums over each sequence's first ``first[i]``
             completion tokens (LD-DPO's shared-length prefix), as a third result.
         aligned: also, detached, each sequence's mean over its completion tokens of
-            log π(y_t) − log Σ_v π(v)² (WPO's sampled-alignment log-weight), as the last result.
+            log π(y_t) − log Σ_v π(v)² (WPO's sampled-alignment log-weight), as the next result.
+        per_token: also each completion token's log-prob (M,) in row order and its row (M,)
+            (RL's per-token ratios and KL penalty, ``dpo_lab.rlhf``), as the next two results.
+        hidden_states: also the decoder's last hidden state (M, H) at the position that
+            predicts each completion token (a value head's input), as the last result.
 
     Returns:
         logps: (N,) fp32, sum over completion tokens of log π(token | preceding tokens).
@@ -187,6 +193,7 @@ def completion_logps(
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state  # (N, T, H)
         h, y = hidden[:, :-1][mask], targets[mask]  # (M, H), (M,)
+        states = h
         if recompute and torch.is_grad_enabled() and not _partitioned(head):
             token_logps = _LinearLogProbs.apply(h, head.weight, head.bias, y, chunk_size)
         else:
@@ -204,7 +211,9 @@ def completion_logps(
                     else h.new_zeros(0, dtype=torch.float32)
                 )
     else:
-        logits = model(**inputs).logits
+        output = model(**inputs, output_hidden_states=hidden_states)
+        logits = output.logits
+        states = output.hidden_states[-1][:, :-1][mask] if hidden_states else None
         logprobs = logits[:, :-1].float().log_softmax(-1)  # (N, T-1, V)
         token_logps = logprobs.gather(-1, targets[..., None]).squeeze(-1)[mask]  # (M,)
         if aligned:
@@ -227,6 +236,10 @@ def completion_logps(
         per_token = (token_logps.detach().float() - sq).to(logps.dtype)
         total = torch.zeros_like(logps).index_add(0, rows, per_token)
         out += (total / tokens.clamp(min=1).to(total.dtype),)
+    if per_token:
+        out += (token_logps, rows)
+    if hidden_states:
+        out += (states,)
     return out
 
 

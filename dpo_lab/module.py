@@ -173,15 +173,7 @@ class PreferenceModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
     ) -> None:
-        """Norm clipping over the whole gradient: under FSDP each process holds a shard, so the
-        root module's ``clip_grad_norm_`` reduces the norm across processes (Lightning's FSDP
-        precision plugin refuses norm clipping for that reason)."""
-        if gradient_clip_val and shards_gradients(self._trainer):
-            if gradient_clip_algorithm not in (None, "norm"):
-                raise ConfigError("under FSDP, trainer.gradient_clip_algorithm must be norm")
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -208,6 +200,23 @@ class PreferenceModule(L.LightningModule):
             set_rng_state(extra["rng"])
         if self.online is not None and "online" in extra:
             self.online.load_state_dict(extra["online"])
+
+
+def clip_gradients(
+    module: L.LightningModule,
+    optimizer: Any,
+    gradient_clip_val: Any = None,
+    gradient_clip_algorithm: Any = None,
+) -> None:
+    """Norm clipping over the whole gradient: under FSDP each process holds a shard, so the root
+    module's ``clip_grad_norm_`` reduces the norm across processes (Lightning's FSDP precision
+    plugin refuses norm clipping for that reason). Every module of this package clips so."""
+    if gradient_clip_val and shards_gradients(module._trainer):
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ConfigError("under FSDP, trainer.gradient_clip_algorithm must be norm")
+        module.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 def _kl_rows_of_every_process(policy: UnpairedLogps, reference: UnpairedLogps | None):

@@ -68,6 +68,22 @@ class RewardModelJudge:
         self.batch_size, self.separator = batch_size, separator
 
     @torch.no_grad()
+    def score_ids(
+        self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+    ) -> list[float]:
+        """Scores of token sequences (prompt ids then completion ids, end token included) in
+        this model's vocabulary: what ``algo=reward_model`` trained on (``dpo_lab.rlhf``)."""
+        from dpo_lab.rlhf import reward_scores
+
+        device = next(self.model.parameters()).device
+        pairs = list(zip(prompt_ids, completion_ids, strict=True))
+        scores: list[float] = []
+        for s in range(0, len(pairs), self.batch_size):
+            batch = pad_sequences(pairs[s : s + self.batch_size], self.tokenizer.pad_token_id)
+            scores += reward_scores(self.model, {k: v.to(device) for k, v in batch.items()}).tolist()
+        return scores
+
+    @torch.no_grad()
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[float]:
         texts = [f"{p}{self.separator}{c}" for p, c in zip(prompts, completions, strict=True)]
         device = next(self.model.parameters()).device

@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_lab import packing
+from dpo_lab import packing, rlhf
 from dpo_lab.callbacks import DisplacementProbe
 from dpo_lab.data.datamodule import PreferenceDataModule
 from dpo_lab.data.formats import prepare
@@ -76,6 +76,10 @@ if not OmegaConf.has_resolver("dpo_lab_short"):
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# The RL algos validate nothing (their numbers come from each rollout and the end-of-run
+# evaluation), and checkpoint after each batch's updates by design: a resume continues there
+warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no")
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 # DeepSpeed clips by trainer.gradient_clip_val itself; the module's hook exists for FSDP's clipping
 warnings.filterwarnings("ignore", message=r"Since DeepSpeed handles gradient clipping internally")
 # val/* are already reduced over ranks by dpo_lab.metrics; loss/acc are this process's bar values
@@ -101,8 +105,60 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
     logging.getLogger(_name).addFilter(_NoTips())
 
 
-def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
-    """Validate what Hydra's struct mode cannot; return the loss and its bound kwargs."""
+def check_rlhf_config(cfg: DictConfig) -> None:
+    """``algo=reward_model|rloo|ppo``: each has its own objective (``conf/loss/bradley_terry.yaml``,
+    ``conf/loss/kl_regularized.yaml``), chosen by the algo, and no preference loss applies."""
+    algo, objective = cfg.algo.name, cfg.loss.name
+    expected = rlhf.OBJECTIVE.get(algo)
+    if expected is None:  # a preference algo: the RLHF objectives are not losses of the registry
+        raise ConfigError(
+            f"loss={objective} is the objective of algo="
+            f"{'reward_model' if objective == 'bradley_terry' else 'rloo or algo=ppo'}, not a "
+            f"preference loss for algo={algo}"
+        )
+    if objective != expected:
+        raise ConfigError(
+            f"algo={algo} trains with its own objective (loss={expected}), not loss={objective}; "
+            "drop the loss= override"
+        )
+    extra = {k for k, v in cfg.loss.items() if k != "name" and v is not None}
+    if extra:
+        raise ConfigError(f"loss.{sorted(extra)[0]}: algo={algo} takes no loss settings")
+    if algo == "reward_model":
+        if cfg.beta is not None:
+            raise ConfigError(f"algo=reward_model takes no beta; got beta={cfg.beta!r}")
+        if cfg.model.lora.enabled:
+            raise ConfigError("algo=reward_model trains the whole model; set model.lora.enabled=false")
+    else:
+        beta = cfg.beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+            raise ConfigError(f"beta must be a number > 0 for algo={algo}, got {beta!r}")
+        if int(cfg.trainer.get("accumulate_grad_batches") or 1) != 1:
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches: algo={algo} updates once per rollout batch "
+                "(PPO: algo.epochs × algo.num_minibatches times); set it to 1 and size the "
+                "rollout with dataset.batch_size"
+            )
+    if cfg.reference.precompute:
+        raise ConfigError(f"reference.precompute: algo={algo} scores new samples every step")
+    callbacks = [c for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if any(str(c.get("_target_", "")).endswith("ReferenceUpdate") for c in callbacks):
+        raise ConfigError(f"callbacks.reference_update (TR-DPO) is for DPO-style losses, not algo={algo}")
+    strategy = str(cfg.trainer.get("strategy", ""))
+    if "fsdp" in strategy.lower() or "deepspeed" in strategy.lower():
+        raise ConfigError(
+            f"trainer.strategy={strategy}: algo={algo} runs on one device or DDP (trainer=ddp); "
+            "its sharded path is not built yet"
+        )
+
+
+def check_config(cfg: DictConfig) -> tuple[LossSpec | None, dict[str, Any]]:
+    """Validate what Hydra's struct mode cannot; return the loss and its bound kwargs (None and
+    {} for the RLHF algos, which have their own objectives: ``check_rlhf_config``)."""
+    if cfg.algo.name in rlhf.ALGOS or cfg.loss.name in rlhf.OBJECTIVE.values():
+        check_rlhf_config(cfg)
+        _check_common(cfg)
+        return None, {}
     kwargs = {
         k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k != "name"
     }
@@ -156,6 +212,11 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
                 "algo=online samples new completions each step, so their reference "
                 "log-probs cannot be precomputed; drop reference.precompute"
             )
+    _check_common(cfg)
+    return spec, kwargs
+
+
+def _check_common(cfg: DictConfig) -> None:
     precision = str(cfg.trainer.get("precision"))
     if precision in ("16-true", "16", "half"):
         raise ConfigError(
@@ -178,7 +239,6 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec, dict[str, Any]]:
             "eval.samples_per_prompt and eval.max_new_tokens must be >= 1, got "
             f"{cfg.eval.samples_per_prompt} and {cfg.eval.max_new_tokens}"
         )
-    return spec, kwargs
 
 
 def read_chat_template(value: str) -> str:
@@ -208,6 +268,9 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
 
 def _format_summary(summary: dict[str, Any]) -> str:
     keys = [
+        "val/rm/accuracies",
+        "val/rm/true_accuracies",
+        "probe/rm/accuracies",
         "val/rewards/accuracies",
         "probe/rewards/accuracies",
         "probe/true_accuracies",
@@ -223,7 +286,8 @@ def _format_summary(summary: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k in keys)
     lines = [f"  {k:<{width}}  {summary[k]:.4f}" for k in keys if k in summary]
-    return "\n".join([f"dpo_lab summary ({summary['loss']}, beta={summary['beta']}):", *lines])
+    what = summary["loss"] if summary.get("algo") in (None, "offline", "online") else summary["algo"]
+    return "\n".join([f"dpo_lab summary ({what}, beta={summary['beta']}):", *lines])
 
 
 @dataclass
@@ -232,12 +296,12 @@ class Run:
 
     cfg: DictConfig
     out: Path
-    spec: LossSpec
+    spec: LossSpec | None  # None for the RLHF algos (dpo_lab.rlhf), which have their own
     data: PreferenceData
     model_path: str
     tokenizer: Any
     datamodule: PreferenceDataModule
-    module: PreferenceModule
+    module: Any  # PreferenceModule, or rlhf.RewardModelModule / rlhf.RLModule
     loggers: list[Any]
     trainer: L.Trainer
     ckpt_path: str | None = None  # the checkpoint this run resumes from
@@ -260,6 +324,8 @@ def build(cfg: DictConfig) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if spec is None:
+        return build_rlhf(cfg, out)
 
     # The model first: a wrong path fails before any data is read or built.
     source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
@@ -332,6 +398,92 @@ def build(cfg: DictConfig) -> Run:
     )
 
 
+def build_rlhf(cfg: DictConfig, out: Path) -> Run:
+    """``algo=reward_model`` (a Bradley-Terry reward model on the pairs) or ``algo=rloo|ppo``
+    (RL on the policy's samples against a judge), from the same groups (``dpo_lab.rlhf``)."""
+    algo = cfg.algo.name
+    source = OmegaConf.to_container(cfg.dataset.source, resolve=True)
+    path = resolve_name_or_path(cfg.model.name_or_path, source)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if algo == "reward_model":
+        if cfg.reference.name_or_path or cfg.reference.dtype:
+            raise ConfigError("reference.*: algo=reward_model has no reference model")
+        tokenizer, model = rlhf.load_reward_model(path, model_cfg)
+        policy = reference_model = None
+    else:
+        tokenizer, policy, reference_model = build_models(
+            model_cfg, OmegaConf.to_container(cfg.reference, resolve=True), path, source,
+            needs_reference=True,
+        )  # fmt: skip
+    if cfg.dataset.padding_free and policy is not None:
+        packing.prepare_model(policy, what="policy")
+        if not isinstance(reference_model, PeftReference):
+            packing.prepare_model(reference_model, what="reference")
+    if cfg.model.chat_template:
+        tokenizer.chat_template = read_chat_template(cfg.model.chat_template)
+    data, datamodule = build_data(cfg, tokenizer, unpaired=False)
+    ckpt_path = resolve_resume(cfg.resume, out)
+    loggers = build_loggers(cfg, out, datamodule, resuming=ckpt_path is not None)
+    trainer_cfg = cfg.trainer.copy()
+    clip = None
+    if algo != "reward_model":  # manual optimization: the module clips each update itself
+        clip = trainer_cfg.get("gradient_clip_val")
+        trainer_cfg.gradient_clip_val = None
+    callbacks = build_callbacks(cfg, data, tokenizer, None, loggers)
+    if algo == "reward_model":  # the probe and a task's oracle score a policy, which it has not
+        callbacks = [
+            c
+            for c in callbacks
+            if not isinstance(c, DisplacementProbe)
+            and not type(c).__module__.startswith("dpo_lab.tasks")
+        ]
+    trainer = build_trainer(cfg, loggers, callbacks, trainer_cfg)
+    optimizer = instantiate(cfg.optim.optimizer)
+    scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None
+    if algo == "reward_model":
+        true = {
+            split: _true_margins(rows, data.reward_fn)
+            for split, rows in (("train", data.train), ("val", data.val))
+        }
+        module: Any = rlhf.RewardModelModule(model, optimizer, scheduler, true)
+        return Run(cfg, out, None, data, path, tokenizer, datamodule, module, loggers, trainer,
+                   ckpt_path)  # fmt: skip
+    check_strategy(trainer, policy)
+    cast = compute_dtype(trainer)
+    if cast is not None and cfg.reference.dtype is None and not isinstance(
+        reference_model, PeftReference
+    ):
+        reference_model.to(cast)
+    logps = OmegaConf.to_container(cfg.logps)
+    module = rlhf.RLModule(
+        policy,
+        LiveReference(reference_model, logps),
+        _judge(cfg, data),
+        tokenizer,
+        [r["prompt"] for r in data.train],
+        OmegaConf.to_container(cfg.algo, resolve=True),
+        cfg.beta,
+        optimizer,
+        scheduler,
+        logps_kwargs=logps,
+        true_reward=data.reward_fn,
+        gradient_clip_val=clip,
+        padding_free=cfg.dataset.padding_free,
+    )
+    return Run(cfg, out, None, data, path, tokenizer, datamodule, module, loggers, trainer,
+               ckpt_path)  # fmt: skip
+
+
+def _true_margins(rows: list[dict[str, Any]], reward_fn: Any) -> torch.Tensor | None:
+    """r(x, y_c) − r(x, y_r) of every row under the task's true reward (None without one)."""
+    if reward_fn is None:
+        return None
+    return torch.tensor(
+        [reward_fn(r["prompt"], r["chosen"]) - reward_fn(r["prompt"], r["rejected"]) for r in rows],
+        dtype=torch.float64,
+    )
+
+
 def build_data(
     cfg: DictConfig, tokenizer: Any, *, unpaired: bool
 ) -> tuple[PreferenceData, PreferenceDataModule]:
@@ -382,7 +534,11 @@ def build_loggers(
 
 
 def build_callbacks(
-    cfg: DictConfig, data: PreferenceData, tokenizer: Any, spec: LossSpec, loggers: list[Any]
+    cfg: DictConfig,
+    data: PreferenceData,
+    tokenizer: Any,
+    spec: LossSpec | None,
+    loggers: list[Any],
 ) -> list[Any]:
     """The ``callbacks`` group (conf/callbacks/), in its order, plus the dataset's own checks.
 
@@ -418,7 +574,7 @@ def build_callbacks(
     if getattr(data.oracle, "callback", None) is not None:  # a task's own exact checks
         extra = data.oracle.callback(
             tokenizer=tokenizer,
-            beta=cfg.beta if "beta" in spec.params else None,
+            beta=cfg.beta if spec is None or "beta" in spec.params else None,
             every_n_steps=cfg.probe.every_n_steps,
             out_dir=Path(cfg.output_dir),
         )
@@ -442,17 +598,21 @@ def check_strategy(trainer: L.Trainer, policy: Any) -> None:
         )
 
 
-def build_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> L.Trainer:
-    """``lightning.Trainer`` from the ``trainer`` group; callbacks come from their own group."""
-    if "callbacks" in cfg.trainer:
+def build_trainer(
+    cfg: DictConfig, loggers: list[Any], callbacks: list[Any], trainer_cfg: Any = None
+) -> L.Trainer:
+    """``lightning.Trainer`` from the ``trainer`` group (or ``trainer_cfg``, an edited copy of
+    it); callbacks come from their own group."""
+    trainer_cfg = cfg.trainer if trainer_cfg is None else trainer_cfg
+    if "callbacks" in trainer_cfg:
         raise ConfigError(
             "trainer.callbacks: callbacks have their own group; add one with "
             "+callbacks.<name>._target_=<class> (see conf/callbacks/default.yaml)"
         )
     # a user's plugins (e.g. a precision plugin with its own GradScaler), then atomic checkpoints
-    plugins = list(instantiate(cfg.trainer.get("plugins") or []))
+    plugins = list(instantiate(trainer_cfg.get("plugins") or []))
     return instantiate(
-        cfg.trainer,
+        trainer_cfg,
         logger=loggers,
         callbacks=callbacks,
         default_root_dir=str(cfg.output_dir),
@@ -460,19 +620,27 @@ def build_trainer(cfg: DictConfig, loggers: list[Any], callbacks: list[Any]) -> 
     )
 
 
-def _online(cfg: DictConfig, data: PreferenceData, tokenizer: Any) -> OnlinePairs:
+def _judge(cfg: DictConfig, data: PreferenceData) -> Any:
+    """``algo.judge``: instantiated, or the dataset's ground-truth reward where it is null."""
     if cfg.algo.judge is not None:
-        judge = instantiate(cfg.algo.judge)
-    elif data.reward_fn is not None:
-        judge = TaskRewardJudge(data.reward_fn)
-    else:
-        raise ConfigError(
-            "algo=online needs a judge: this dataset has no ground-truth reward; set algo.judge "
-            "(a reward model: {_target_: dpo_lab.online.RewardModelJudge, name_or_path: ...}, or "
-            "any f(prompt, completion) -> float)"
-        )
+        try:
+            return instantiate(cfg.algo.judge)
+        except Exception as e:  # Hydra wraps the real cause: show it in one line
+            if isinstance(e.__cause__, DpoLabError):
+                raise e.__cause__ from None
+            raise ConfigError(f"algo.judge: could not instantiate it ({e})") from None
+    if data.reward_fn is not None:
+        return TaskRewardJudge(data.reward_fn)
+    raise ConfigError(
+        f"algo={cfg.algo.name} needs a judge: this dataset has no ground-truth reward; set "
+        "algo.judge (a reward model: {_target_: dpo_lab.online.RewardModelJudge, name_or_path: "
+        "...}, e.g. an algo=reward_model run's final/, or any f(prompt, completion) -> float)"
+    )
+
+
+def _online(cfg: DictConfig, data: PreferenceData, tokenizer: Any) -> OnlinePairs:
     return OnlinePairs(
-        judge,
+        _judge(cfg, data),
         tokenizer,
         [r["prompt"] for r in data.train],
         samples_per_prompt=cfg.algo.samples_per_prompt,
@@ -584,7 +752,7 @@ def distinct_prompts(rows: list[dict[str, Any]], n: int) -> list[Any]:
 def finish(run: Run, t0: float) -> dict[str, Any]:
     """After fit: evaluate, save ``final/`` and ``summary.json``, close the loggers."""
     cfg, module, trainer, out = run.cfg, run.module, run.trainer, run.out
-    policy = module.policy
+    policy = getattr(module, "policy", None)  # a reward model's run has none
     if shards_parameters(trainer):  # every process helps gather the whole policy onto rank 0
         state = full_policy_state(trainer, module)
         if trainer.is_global_zero:
@@ -592,7 +760,8 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
     if not trainer.is_global_zero:  # other processes of a multi-process run: rank 0 reports
         return {}
     summary: dict[str, Any] = {
-        "loss": run.spec.name,
+        "loss": cfg.loss.name,
+        "algo": cfg.algo.name,
         "beta": cfg.beta,
         "seed": cfg.seed,
         "steps": trainer.global_step,
@@ -606,8 +775,12 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
     )
     if run.probe is not None:
         summary.update(run.probe.last_metrics)  # the final policy's probe numbers
-    if module.online is not None:
+    if getattr(module, "online", None) is not None:
         summary["online/pairs_total"] = module.online.pairs_total
+    if isinstance(module, rlhf.RLModule):
+        summary["rl/samples_total"] = module.samples_total
+    if isinstance(module, rlhf.RewardModelModule):
+        return _finish_reward_model(run, summary, t0)
 
     rows: list[dict[str, Any]] | None = None
     if cfg.eval.num_prompts > 0:
@@ -656,6 +829,33 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
         lg.save()
         experiment = getattr(lg, "experiment", None)
         if hasattr(experiment, "summary"):  # W&B: final numbers in the run summary
+            experiment.summary.update(summary)
+            experiment.finish()
+    return summary
+
+
+def _finish_reward_model(run: Run, summary: dict[str, Any], t0: float) -> dict[str, Any]:
+    """A reward model's end of run: its probe-pair accuracies, ``final/`` (a transformers
+    sequence classifier that ``RewardModelJudge`` loads) and ``summary.json``."""
+    module, out = run.module, run.out
+    if "val/rm/loss" not in summary:  # stopped (max_steps) before any validation: score it now
+        run.trainer.validate(module, datamodule=run.datamodule, verbose=False)
+        summary.update(
+            {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("val/")}
+        )
+    summary.update(
+        module.probe_metrics(run.datamodule.probe_batches(), run.datamodule.probe_true_margins())
+    )
+    module.model.save_pretrained(out / "final")
+    run.tokenizer.save_pretrained(out / "final")
+    summary["wall_time_s"] = time.time() - t0
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for lg in run.loggers:
+        lg.log_metrics({k: v for k, v in summary.items() if k.startswith("probe/")},
+                       step=run.trainer.global_step)  # fmt: skip
+        lg.save()
+        experiment = getattr(lg, "experiment", None)
+        if hasattr(experiment, "summary"):
             experiment.summary.update(summary)
             experiment.finish()
     return summary

@@ -1,0 +1,617 @@
+"""RLHF, the route DPO shortcuts: a Bradley-Terry reward model, then RL against a judge.
+
+Both maximize the same objective, ``E_{y~π}[r(x, y)] − β·KL(π‖π_ref)``; DPO reaches its optimum
+``π* = π_ref·exp(r/β)/Z`` in closed form from the pairs, RLHF by learning ``r`` and sampling.
+
+- ``algo=reward_model`` (``RewardModelModule``): a scalar head on the SFT base
+  (``AutoModelForSequenceClassification``, ``num_labels=1``) trained with the Bradley-Terry loss
+  ``−log σ(r(x, y_c) − r(x, y_r))`` (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1) on the same
+  pairs, config groups and label noise as DPO. The score of a sequence is the head's output at
+  its last non-padding token (transformers' pooling), over exactly the tokens the policy scores:
+  the prompt's ids and the completion's, end token included. ``final/`` is a transformers model
+  that ``dpo_lab.online.RewardModelJudge`` loads.
+- ``algo=rloo`` and ``algo=ppo`` (``RLModule``): each training batch's prompts are answered by the
+  current policy (``dpo_lab.sampling.generate``, stopping at every end token), the judge scores
+  each answer, and the reward is that score minus a per-token KL penalty:
+  ``r_t = −β·(log π(y_t|·) − log π_ref(y_t|·))`` on every sampled token (the k1 estimator, whose
+  sum over a sequence estimates KL(π‖π_ref) unbiasedly on π's own samples; Ziegler et al. 2019,
+  Stiennon et al. 2020), plus the judge's score on the last token.
+
+  RLOO (Kool et al. 2019; Ahmadian et al. 2024): k samples a prompt; sample i's advantage is its
+  total reward minus the mean of the other k−1 of its prompt; one REINFORCE update per batch,
+  loss ``−mean_i A_i·Σ_t log π(y_it)``.
+
+  PPO (Schulman et al. 2017; Ouyang et al. 2022; Huang et al. 2024's implementation details): a
+  value head (a linear layer on the policy's last hidden state, zero-initialized, sharing the
+  trunk as transformers' old ``AutoModelForCausalLMWithValueHead`` did), GAE(γ, λ) advantages
+  (whitened over the rollout's tokens), then ``epochs`` passes of ``num_minibatches`` clipped
+  updates: ``max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))`` per token with ``ρ = π/π_old``, plus
+  ``vf_coef`` × the clipped value loss.
+
+The pure functions below are the objectives, tested by hand in ``tests/test_rlhf.py``; the two
+modules wire them to Lightning. Metrics: README's table (``rm/*``, ``rl/*``, ``ppo/*``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpo_lab.data.collate import batch_sequences, pad_sequences
+from dpo_lab.errors import ConfigError
+from dpo_lab.faults import rng_state, set_rng_state
+from dpo_lab.logps import completion_logps
+from dpo_lab.module import clip_gradients
+from dpo_lab.online import RewardModelJudge, as_judge
+from dpo_lab.sampling import generate, stop_token_ids
+from dpo_lab.sharding import synced_generation
+
+ALGOS = ("reward_model", "rloo", "ppo")
+RL_ALGOS = ("rloo", "ppo")
+OBJECTIVE = {"reward_model": "bradley_terry", "rloo": "kl_regularized", "ppo": "kl_regularized"}
+
+# ---------------------------------------------------------------------------- the objectives
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """(B,) ``−log σ(r_c − r_r)``: the negative log-likelihood of the labels under the
+    Bradley-Terry model ``P(y_c ≻ y_r) = σ(r(x, y_c) − r(x, y_r))`` (Ouyang et al. 2022, eq. 1)."""
+    return -F.logsigmoid(chosen.float() - rejected.float())
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is true (0 where there are none)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def kl_penalty(logps: Tensor, ref_logps: Tensor, beta: float) -> Tensor:
+    """Per-token reward ``−β·(log π(y_t|·) − log π_ref(y_t|·))`` on the sampled tokens."""
+    return -beta * (logps - ref_logps)
+
+
+def token_rewards(
+    scores: Tensor, logps: Tensor, ref_logps: Tensor, mask: Tensor, beta: float
+) -> Tensor:
+    """(N, C) each completion token's reward: the KL penalty on every token and the judge's
+    ``scores`` (N,) added on each completion's last token. Rows are left-aligned: ``mask`` (N, C)
+    is a prefix of each row, at least one token long."""
+    lengths = mask.sum(-1)
+    if bool((lengths == 0).any()):
+        raise ValueError("every completion needs at least one token (its end token)")
+    rewards = kl_penalty(logps, ref_logps, beta) * mask
+    last = (lengths - 1).long()
+    return rewards.index_put((torch.arange(len(scores), device=scores.device), last),
+                             scores.to(rewards.dtype), accumulate=True)  # fmt: skip
+
+
+def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
+    """(N,) REINFORCE leave-one-out advantages: N = P·k rewards, k consecutive per prompt; each is
+    its reward minus the mean of its prompt's other k − 1 (Kool et al. 2019)."""
+    if k < 2:
+        raise ValueError(f"RLOO needs k >= 2 samples per prompt, got {k}")
+    R = rewards.view(-1, k)
+    baseline = (R.sum(-1, keepdim=True) - R) / (k - 1)
+    return (R - baseline).flatten()
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """(advantages, returns), each (N, C), by generalized advantage estimation (Schulman et al.
+    2016): ``δ_t = r_t + γ·V_{t+1} − V_t`` with ``V`` = 0 after a completion's last token,
+    ``A_t = δ_t + γλ·A_{t+1}``, returns ``A_t + V_t``. Rows left-aligned, ``mask`` a prefix."""
+    mask = mask.to(values.dtype)
+    N, C = values.shape
+    advantages = torch.zeros_like(values)
+    running = values.new_zeros(N)
+    for t in reversed(range(C)):
+        alive = mask[:, t + 1] if t + 1 < C else values.new_zeros(N)  # a next token exists
+        next_value = values[:, t + 1] * alive if t + 1 < C else values.new_zeros(N)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running * alive) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` standardized over the masked positions (mean 0, variance 1), 0 elsewhere."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask.to(x.dtype)
+
+
+def ppo_policy_loss(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, clipfrac, approx_kl) of PPO's clipped surrogate (Schulman et al. 2017), per token:
+    ``max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε))`` with ``ρ = exp(log π − log π_old)``, averaged over
+    the masked tokens. ``clipfrac``: the share of tokens where the clipped term is the larger (the
+    clip is active); ``approx_kl``: ``mean((ρ − 1) − log ρ)``, an unbiased, non-negative estimate
+    of KL(π_old‖π) (Schulman's k3)."""
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float
+) -> Tensor:
+    """PPO's clipped value loss: ``½·max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²)`` over the
+    masked tokens."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """``1 − Var(R − V) / Var(R)`` over the masked tokens: 1 for a perfect value head, 0 for one
+    no better than a constant, negative for a worse one. NaN when the returns do not vary."""
+    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_diff = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return float("nan") if var.item() == 0 else (1 - var_diff / var).item()
+
+
+def left_aligned(flat: Tensor, rows: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """((N, C) values, (N, C) mask) from per-token values in row order and each token's row: row
+    i's tokens at columns 0..len_i−1, in order (``completion_logps(per_token=True)``)."""
+    counts = torch.zeros(n, dtype=torch.long, device=rows.device).index_add(
+        0, rows, torch.ones_like(rows)
+    )
+    place = torch.arange(rows.shape[0], device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    C = int(counts.max().item()) if n else 0
+    out = flat.new_zeros((n, C))
+    mask = torch.zeros((n, C), dtype=torch.bool, device=rows.device)
+    out[rows, place] = flat
+    mask[rows, place] = True
+    return out, mask
+
+
+# ---------------------------------------------------------------------------- reward model
+
+
+def reward_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """(N,) fp32 scores of a padded batch's sequences (prompt and completion ids) under a
+    sequence-classification reward model: its logit at each row's last non-padding token."""
+    if "cu_seq_lens" in batch:
+        raise ConfigError(
+            "dataset.padding_free: a reward model's score pools each row's last token, and "
+            "packed rows have none to pool; use padded batches for algo=reward_model"
+        )
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.logits[:, 0].float()
+
+
+class _Sums:
+    """Per-example sums and counts of named values, reduced over processes at ``compute``."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(2 * len(self.names), dtype=torch.float64)
+
+    def add(self, name: str, values: Tensor) -> None:
+        i = self.names.index(name)
+        self.sums[2 * i] += values.detach().double().sum().cpu()
+        self.sums[2 * i + 1] += values.numel()
+
+    def compute(self, module: L.LightningModule) -> dict[str, float]:
+        sums = self.sums.to(module.device)
+        trainer = module._trainer
+        if trainer is not None and trainer.world_size > 1:
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        sums = sums.cpu()
+        return {
+            n: (sums[2 * i] / sums[2 * i + 1]).item()
+            for i, n in enumerate(self.names)
+            if sums[2 * i + 1] > 0
+        }
+
+
+RM_METRICS = ("loss", "accuracies", "margins", "chosen", "rejected", "true_accuracies")
+
+
+class RewardModelModule(L.LightningModule):
+    """Bradley-Terry training of a scalar-head reward model on the preference pairs.
+
+    Args:
+        model: an ``AutoModelForSequenceClassification`` with ``num_labels=1``.
+        optimizer, scheduler: as ``PreferenceModule``'s.
+        true_margins: per split, r(x, y_c) − r(x, y_r) of each row under the task's true reward,
+            indexed by the row's ``index`` (None for data without one): ``rm/true_accuracies``
+            is the share of pairs with a non-zero true margin that the model ranks as the true
+            reward does, whatever the (noisy) labels say.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        true_margins: dict[str, Tensor | None] | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self._optimizer, self._scheduler = optimizer, scheduler
+        self.true_margins = true_margins or {}
+        self.sums = {"train": _Sums(RM_METRICS), "val": _Sums(RM_METRICS)}
+
+    def on_fit_start(self) -> None:
+        self.train()
+
+    def step(self, batch: dict[str, Any], split: str) -> Tensor:
+        scores = reward_scores(self.model, batch)
+        B = len(batch["index"])
+        chosen, rejected = scores[:B], scores[B:]
+        losses = bradley_terry_loss(chosen, rejected)
+        sums = self.sums[split]
+        sums.add("loss", losses)
+        sums.add("accuracies", (chosen > rejected).float())
+        sums.add("margins", chosen - rejected)
+        sums.add("chosen", chosen)
+        sums.add("rejected", rejected)
+        true = self.true_margins.get(split)
+        if true is not None:
+            margin = true[batch["index"].cpu()]
+            known = margin != 0  # a tie under the true reward has no clean label
+            agree = ((chosen - rejected).detach().cpu() > 0) == (margin > 0)
+            sums.add("true_accuracies", agree[known].float())
+        return losses.mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        loss = self.step(batch, "train")
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=1)
+        return {"loss": loss, "tokens": batch["attention_mask"].sum(),
+                "examples": len(batch["index"])}  # fmt: skip
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        means = self.sums["train"].compute(self)
+        self.sums["train"].reset()
+        self.log_dict({f"train/rm/{k}": v for k, v in means.items()}, on_step=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        means = self.sums["val"].compute(self)
+        self.sums["val"].reset()
+        self.log_dict({f"val/rm/{k}": v for k, v in means.items()})
+
+    @torch.no_grad()
+    def probe_metrics(self, batches: Sequence[dict[str, Any]], true: Tensor | None) -> dict:
+        """On the displacement probe's pairs (the first held-out pairs, as DPO's probe scores
+        them): ``probe/rm/accuracies`` against their labels and ``probe/true_accuracies``
+        against the true reward, ties left out (the same pairs and rule as a DPO run's
+        implicit-reward ``probe/true_accuracies``)."""
+        was = self.model.training
+        self.model.eval()
+        margins = []
+        for batch in batches:
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            s = reward_scores(self.model, batch)
+            B = len(batch["index"])
+            margins.append((s[:B] - s[B:]).cpu())
+        self.model.train(was)
+        if not margins:
+            return {}
+        m = torch.cat(margins)
+        out = {"probe/rm/accuracies": (m > 0).float().mean().item()}
+        if true is not None:
+            known = true != 0
+            out["probe/true_accuracies"] = ((m > 0) == (true > 0))[known].float().mean().item()
+        return out
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self) -> Any:
+        return _optimizers(self, [p for p in self.model.parameters() if p.requires_grad], 1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dpo_lab"] = {"rng": rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng" in checkpoint.get("dpo_lab", {}):
+            set_rng_state(checkpoint["dpo_lab"]["rng"])
+
+
+def _optimizers(module: L.LightningModule, params: list[Tensor], updates_per_batch: int) -> Any:
+    optimizer = module._optimizer(params)
+    if module._scheduler is None:
+        return optimizer
+    total = module.trainer.estimated_stepping_batches  # batches here (inf: unbounded)
+    total = None if total == float("inf") else int(total) * updates_per_batch
+    scheduler = module._scheduler(optimizer, total_steps=total)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def load_reward_model(path: str, model_cfg: dict[str, Any]) -> tuple[Any, nn.Module]:
+    """(tokenizer, ``AutoModelForSequenceClassification`` with a fresh scalar head) on the
+    model at ``path`` (the SFT base), in ``model.dtype``, its pad token set for the pooling."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from dpo_lab.models import DTYPES, disable_dropout, keep_trainable, load_model
+
+    tokenizer, _ = load_model(
+        path,
+        dtype=model_cfg["dtype"],
+        attn_implementation=model_cfg["attn_implementation"],
+        trust_remote_code=model_cfg["trust_remote_code"],
+    )
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized": that is the point
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=1,
+            dtype=DTYPES[model_cfg["dtype"]],
+            attn_implementation=model_cfg["attn_implementation"],
+            trust_remote_code=model_cfg["trust_remote_code"],
+        )
+    except ValueError as e:
+        raise ConfigError(
+            f"model.name_or_path={model_cfg['name_or_path']!r}: transformers has no sequence-"
+            f"classification head for this architecture ({str(e).splitlines()[0]})"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(level)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model_cfg.get("disable_dropout", True):
+        disable_dropout(model)
+    keep_trainable(model, model_cfg.get("trainable_dtype"), model_cfg["dtype"])
+    if model_cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return tokenizer, model
+
+
+# ---------------------------------------------------------------------------- RL
+
+
+def judge_scores(judge: Any, tokenizer: Any, gens: Any) -> list[float]:
+    """The judge's scores of generations: a reward model with the policy's vocabulary scores the
+    very token ids sampled (no decode and re-encode); any other judge the decoded texts."""
+    if isinstance(judge, RewardModelJudge) and judge.tokenizer.get_vocab() == tokenizer.get_vocab():
+        return judge.score_ids(gens.prompt_ids, gens.completion_ids)
+    return judge(gens.prompts, gens.texts)
+
+
+class RLModule(L.LightningModule):
+    """RLOO or PPO on the policy's own samples against a judge (see the module docstring).
+
+    Args:
+        policy: the causal LM being trained (LoRA-wrapped or not).
+        reference: a ``LiveReference`` (the frozen starting model, or the LoRA base).
+        judge: a batch judge or per-pair callable (``dpo_lab.online.as_judge``).
+        tokenizer: the policy's tokenizer.
+        prompts: the training split's prompts; a batch's ``index`` picks its prompts.
+        algo: the ``algo`` config (name, samples_per_prompt, sampling and PPO settings).
+        beta: the KL penalty's β.
+        optimizer, scheduler: as ``PreferenceModule``'s; the scheduler steps every update.
+        logps_kwargs: ``completion_logps`` settings.
+        true_reward: the task's ground-truth ``reward(prompt, completion)``, logged as
+            ``rl/true_reward`` on every rollout (None: not logged).
+        gradient_clip_val: the norm clip of every update (manual optimization: the trainer's own
+            setting is taken here).
+        padding_free: pack each update's sequences into one row.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: Any,
+        judge: Any,
+        tokenizer: Any,
+        prompts: Sequence[Any],
+        algo: dict[str, Any],
+        beta: float,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        logps_kwargs: dict[str, Any] | None = None,
+        true_reward: Callable[[Any, str], float] | None = None,
+        gradient_clip_val: float | None = None,
+        padding_free: bool = False,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy, self.reference = policy, reference
+        self.judge, self.tokenizer, self.prompts = as_judge(judge), tokenizer, list(prompts)
+        self.algo, self.beta = dict(algo), float(beta)
+        self.name = self.algo["name"]
+        self.k = int(self.algo["samples_per_prompt"])
+        if self.name == "rloo" and self.k < 2:
+            raise ConfigError(f"algo.samples_per_prompt must be >= 2 for RLOO, got {self.k}")
+        if self.k < 1:
+            raise ConfigError(f"algo.samples_per_prompt must be >= 1, got {self.k}")
+        self.updates_per_batch = 1
+        self.value_head = None
+        if self.name == "ppo":
+            for key in ("epochs", "num_minibatches"):
+                if int(self.algo[key]) < 1:
+                    raise ConfigError(f"algo.{key} must be >= 1, got {self.algo[key]}")
+            self.updates_per_batch = int(self.algo["epochs"]) * int(self.algo["num_minibatches"])
+            hidden = policy.config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self._optimizer, self._scheduler = optimizer, scheduler
+        self.logps_kwargs = dict(logps_kwargs or {})
+        self.true_reward, self.clip_val, self.padding_free = true_reward, gradient_clip_val, padding_free
+        self.gen = {k: self.algo[k] for k in ("temperature", "top_p", "max_new_tokens")}
+        self.samples_total = 0
+
+    def on_fit_start(self) -> None:
+        self.train()
+        self.reference.to(self.device)
+        model = getattr(self.judge, "model", None)
+        if isinstance(model, nn.Module):  # a reward model judges where the policy samples
+            model.to(self.device)
+
+    # -- a rollout: samples, scores, per-token log-probs under π and π_ref -------------------
+
+    def _sequences(self, prompt_ids: Sequence, completion_ids: Sequence) -> dict[str, Tensor]:
+        seqs = batch_sequences(
+            list(zip(prompt_ids, completion_ids, strict=True)),
+            self.tokenizer.pad_token_id,
+            self.padding_free,
+        )
+        return {k: v.to(self.device) for k, v in seqs.items()}
+
+    def _token_logps(self, model: nn.Module, seqs: dict[str, Tensor], values: bool = False):
+        """((N, C) log-probs, (N, C) mask, (N, C) values or None), rows left-aligned."""
+        n = (seqs["cu_seq_lens"].shape[0] - 1) if "cu_seq_lens" in seqs else seqs["input_ids"].shape[0]
+        out = completion_logps(
+            model, **seqs, per_token=True, hidden_states=values, **self.logps_kwargs
+        )
+        logps, mask = left_aligned(out[2], out[3], n)
+        v = None
+        if values:
+            v, _ = left_aligned(self.value_head(out[4]).squeeze(-1).float(), out[3], n)
+        return logps, mask, v
+
+    def rollout(self, batch: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        prompts = [self.prompts[i] for i in batch["index"].tolist()]
+        repeated = [p for p in prompts for _ in range(self.k)]
+        gens = generate(
+            self.policy,
+            self.tokenizer,
+            repeated,
+            batch_size=len(repeated),
+            stop=stop_token_ids(self.policy, self.tokenizer),
+            synced_gpus=synced_generation(self._trainer),
+            **self.gen,
+        )
+        gen_seconds = time.perf_counter() - t0
+        capped = torch.tensor(gens.capped, dtype=torch.float32, device=self.device)
+        raw = torch.tensor(judge_scores(self.judge, self.tokenizer, gens), device=self.device)
+        scores = raw.float() - float(self.algo["missing_eos_penalty"]) * capped
+        seqs = self._sequences(gens.prompt_ids, gens.completion_ids)
+        with torch.no_grad():
+            ref, _, _ = self._token_logps(self.reference.model, seqs)
+        metrics = {
+            "rl/score": raw.float().mean().item(),
+            "rl/length": sum(map(len, gens.completion_ids)) / len(gens.completion_ids),
+            "rl/capped_frac": gens.capped_frac,
+            "rl/gen_seconds": gen_seconds,
+        }
+        if self.true_reward is not None:
+            true = [float(self.true_reward(p, y)) for p, y in zip(repeated, gens.texts, strict=True)]
+            metrics["rl/true_reward"] = sum(true) / len(true)
+        self.samples_total += len(repeated)
+        metrics["rl/samples_total"] = float(self.samples_total)
+        return {"gens": gens, "seqs": seqs, "scores": scores, "ref": ref, "metrics": metrics}
+
+    def _rollout_metrics(self, logps: Tensor, ref: Tensor, mask: Tensor) -> dict[str, float]:
+        kl = ((logps - ref) * mask).sum(-1)  # per sequence: Σ_t log π/π_ref on π's own samples
+        return {
+            "rl/kl": kl.mean().item(),
+            # −log π of each sampled token, averaged: a sample estimate of the per-token entropy
+            # (exact in expectation at temperature 1, where the samples are π's own)
+            "rl/entropy": -masked_mean(logps, mask).item(),
+        }
+
+    # -- the updates --------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        roll = self.rollout(batch)
+        metrics = roll["metrics"]
+        if self.name == "rloo":
+            metrics |= self._rloo(roll)
+        else:
+            metrics |= self._ppo(roll)
+        several = self._trainer is not None and self._trainer.world_size > 1
+        self.log_dict(metrics, on_step=True, batch_size=1, sync_dist=several)
+        seqs = roll["seqs"]
+        tokens = seqs["attention_mask"].sum() if "attention_mask" in seqs else seqs["input_ids"].numel()
+        return {"tokens": tokens, "examples": len(roll["gens"].texts)}
+
+    def _update(self, loss: Tensor) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if self.clip_val:
+            clip_gradients(self, opt, self.clip_val, "norm")
+        opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _rloo(self, roll: dict[str, Any]) -> dict[str, float]:
+        logps, mask, _ = self._token_logps(self.policy, roll["seqs"])
+        ref = roll["ref"]
+        rewards = token_rewards(roll["scores"], logps.detach(), ref, mask, self.beta).sum(-1)
+        advantages = rloo_advantages(rewards, self.k)
+        loss = -(advantages * (logps * mask).sum(-1)).mean()
+        self._update(loss)
+        return self._rollout_metrics(logps.detach(), ref, mask) | {
+            "rl/loss": loss.detach().item(),
+            "rl/reward": rewards.mean().item(),
+        }
+
+    def _ppo(self, roll: dict[str, Any]) -> dict[str, float]:
+        a, seqs, gens = self.algo, roll["seqs"], roll["gens"]
+        with torch.no_grad():
+            old, mask, old_values = self._token_logps(self.policy, seqs, values=True)
+        ref = roll["ref"]
+        rewards = token_rewards(roll["scores"], old, ref, mask, self.beta)
+        advantages, returns = gae(rewards, old_values, mask, float(a["gamma"]), float(a["lam"]))
+        if a["whiten_advantages"]:
+            advantages = whiten(advantages, mask)
+        N = len(gens.texts)
+        stats: dict[str, list[float]] = {"clipfrac": [], "approx_kl": [], "value_loss": [],
+                                         "policy_loss": []}  # fmt: skip
+        for _ in range(int(a["epochs"])):
+            order = torch.randperm(N).tolist()
+            for chunk in torch.tensor(order).chunk(int(a["num_minibatches"])):
+                rows = chunk.tolist()
+                mb = self._sequences([gens.prompt_ids[i] for i in rows],
+                                     [gens.completion_ids[i] for i in rows])  # fmt: skip
+                logps, m, values = self._token_logps(self.policy, mb, values=True)
+                C = m.shape[1]
+                idx = torch.tensor(rows, device=self.device)
+                pg, clipfrac, approx_kl = ppo_policy_loss(
+                    logps, old[idx, :C], advantages[idx, :C], m, float(a["clip_range"])
+                )
+                vf = value_loss(values, old_values[idx, :C], returns[idx, :C], m,
+                                float(a["clip_range_value"]))  # fmt: skip
+                self._update(pg + float(a["vf_coef"]) * vf)
+                for name, v in (("clipfrac", clipfrac), ("approx_kl", approx_kl),
+                                ("value_loss", vf), ("policy_loss", pg)):  # fmt: skip
+                    stats[name].append(v.detach().item())
+        out = self._rollout_metrics(old, ref, mask)
+        out |= {f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()}
+        out["ppo/explained_variance"] = explained_variance(old_values, returns, mask)
+        out["rl/reward"] = rewards.sum(-1).mean().item()
+        return out
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.value_head is not None:
+            params += list(self.value_head.parameters())
+        return _optimizers(self, params, self.updates_per_batch)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dpo_lab"] = {"rng": rng_state(), "samples_total": self.samples_total}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("dpo_lab", {})
+        if "rng" in extra:
+            set_rng_state(extra["rng"])
+        self.samples_total = int(extra.get("samples_total", 0))
