@@ -332,12 +332,22 @@ class RewardModelModule(L.LightningModule):
 
 
 def _optimizers(module: L.LightningModule, params: list[Tensor], updates_per_batch: int) -> Any:
+    """The optimizer and the schedule, sized in optimizer steps: ``updates_per_batch`` a batch
+    (PPO's epochs × minibatches), at most ``trainer.max_steps`` (which counts optimizer steps,
+    manual ones too)."""
     optimizer = module._optimizer(params)
     if module._scheduler is None:
         return optimizer
-    total = module.trainer.estimated_stepping_batches  # batches here (inf: unbounded)
-    total = None if total == float("inf") else int(total) * updates_per_batch
-    scheduler = module._scheduler(optimizer, total_steps=total)
+    trainer = module.trainer
+    total: float = trainer.estimated_stepping_batches  # loads the training batches (inf: unbounded)
+    if updates_per_batch > 1:
+        epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else float("inf")
+        total = trainer.num_training_batches * epochs * updates_per_batch
+        if trainer.max_steps > 0:
+            total = min(total, trainer.max_steps)
+    scheduler = module._scheduler(
+        optimizer, total_steps=None if total == float("inf") else int(total)
+    )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -298,3 +298,28 @@ def test_rloo_under_lora_and_two_ddp_processes(tmp_path):
     assert len(rows) == 3 and rows[0]["rl/kl"] == pytest.approx(0.0, abs=1e-5)
     assert abs(rows[-1]["rl/kl"]) > 1e-6
     assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_ppo_first_update_reproduces_the_rollout_and_the_schedule_counts_updates(cfg_factory):
+    """One epoch, one minibatch: the update's forward (rows in a shuffled order, re-padded) runs
+    before any step, so its ratio to the rollout's log-probs is 1 on every token: clipfrac 0 and
+    approx_kl 0 (an index or column mix-up shows here). The learning-rate schedule is sized in
+    optimizer steps: 2 batches × 3 epochs × 2 minibatches = 12, decaying to 0 at the last."""
+    cfg = cfg_factory("algo=ppo", "algo.epochs=1", "algo.num_minibatches=1", "trainer.max_steps=1",
+                      "algo.max_new_tokens=10", "trainer.log_every_n_steps=1",
+                      "eval.num_prompts=0")  # fmt: skip
+    run = build(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    (row,) = _rl_rows(Path(cfg.output_dir))
+    assert row["ppo/clipfrac"] == 0.0
+    assert row["ppo/approx_kl"] == pytest.approx(0.0, abs=1e-6)
+
+    cfg = cfg_factory("algo=ppo", "algo.epochs=3", "algo.num_minibatches=2",
+                      "dataset.max_samples=32", "trainer.max_epochs=1", "algo.max_new_tokens=6",
+                      "optim.scheduler.decay=linear", "optim.scheduler.warmup_steps=0",
+                      "eval.num_prompts=0", "trainer.log_every_n_steps=1")  # fmt: skip
+    run = build(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 12
+    scheduler = run.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
