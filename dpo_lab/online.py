@@ -52,8 +52,17 @@ class RewardModelJudge:
     """
 
     def __init__(self, name_or_path: str, batch_size: int = 32, separator: str = " "):
+        from pathlib import Path
+
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        local = Path(name_or_path).expanduser()
+        if name_or_path.startswith((".", "/", "~")) and not (local / "config.json").exists():
+            raise ConfigError(
+                f"algo.judge.name_or_path={name_or_path!r}: no reward model there (no "
+                "config.json); train one first with algo=reward_model, whose run dir's final/ "
+                "is the judge"
+            )
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).eval()

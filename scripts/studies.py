@@ -1206,6 +1206,22 @@ def _zoo_figure(groups: dict[str, list[Run]], reference: list[Run], out: Path) -
         )
 
 
+def rlhf_vs_dpo(runs, out):  # placeholder
+    raise NotImplementedError
+
+
+def rlhf_noise(runs, out):  # placeholder
+    raise NotImplementedError
+
+
+def overoptimization(runs, out):  # placeholder
+    raise NotImplementedError
+
+
+def closed_form_rl(runs, out):  # placeholder
+    raise NotImplementedError
+
+
 STUDY_FNS = {
     f.__name__: f
     for f in (
@@ -1218,10 +1234,23 @@ STUDY_FNS = {
         online_vs_offline,
         real_sentiment,
         loss_zoo,
+        rlhf_vs_dpo,
+        rlhf_noise,
+        overoptimization,
+        closed_form_rl,
     )
 }
 # A study's sweeps, where it runs more than one (each `experiment=<name>`; default: its own name)
-SWEEPS = {"loss_zoo": ("loss_zoo", "loss_zoo_b", "loss_zoo_c", "loss_zoo_options")}
+SWEEPS = {
+    "loss_zoo": ("loss_zoo", "loss_zoo_b", "loss_zoo_c", "loss_zoo_options"),
+    "rlhf_vs_dpo": ("rlhf_vs_dpo_rm", "rlhf_vs_dpo"),
+    "rlhf_noise": ("rlhf_noise_rm", "rlhf_noise_dpo", "rlhf_noise"),
+    "overoptimization": ("overoptimization_rm", "overoptimization"),
+}
+# sweeps that read another sweep's output (RL judged by the reward models a *_rm sweep trained):
+# they start once every sweep without a dependency has finished
+AFTER = {"rlhf_vs_dpo": "rlhf_vs_dpo_rm", "rlhf_noise": "rlhf_noise_rm",
+         "overoptimization": "overoptimization_rm"}  # fmt: skip
 # the sweeps each study reads (its own, and the runs it shares)
 READS = {
     "beta_frontier": ["beta_frontier"],
@@ -1233,6 +1262,10 @@ READS = {
     "online_vs_offline": ["beta_frontier", "online_vs_offline"],
     "real_sentiment": ["real_sentiment"],
     "loss_zoo": list(SWEEPS["loss_zoo"]),
+    "rlhf_vs_dpo": ["beta_frontier", *SWEEPS["rlhf_vs_dpo"]],
+    "rlhf_noise": ["label_noise", *SWEEPS["rlhf_noise"]],
+    "overoptimization": list(SWEEPS["overoptimization"]),
+    "closed_form_rl": ["closed_form", "closed_form_rl"],
 }
 
 
@@ -1244,6 +1277,10 @@ READS = {
 # closed-form jobs about 3× longer).
 ORDER = (
     "loss_zoo",
+    "rlhf_noise",
+    "rlhf_vs_dpo",
+    "overoptimization",
+    "closed_form_rl",
     "label_noise",
     "beta_frontier",
     "online_vs_offline",
@@ -1295,8 +1332,11 @@ def run_sweeps(
 
     order = sorted(studies, key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER))
     sweeps = [sweep for study in order for sweep in SWEEPS.get(study, (study,))]
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return dict(pool.map(one, sweeps))
+    results: dict[str, tuple[int, float]] = {}
+    for phase in ([s for s in sweeps if s not in AFTER], [s for s in sweeps if s in AFTER]):
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            results |= dict(pool.map(one, phase))
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
