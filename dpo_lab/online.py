@@ -89,7 +89,9 @@ class RewardModelJudge:
         scores: list[float] = []
         for s in range(0, len(pairs), self.batch_size):
             batch = pad_sequences(pairs[s : s + self.batch_size], self.tokenizer.pad_token_id)
-            scores += reward_scores(self.model, {k: v.to(device) for k, v in batch.items()}).tolist()
+            scores += reward_scores(
+                self.model, {k: v.to(device) for k, v in batch.items()}
+            ).tolist()
         return scores
 
     @torch.no_grad()

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpo_lab.data.collate import batch_sequences, pad_sequences
+from dpo_lab.data.collate import batch_sequences
 from dpo_lab.errors import ConfigError
 from dpo_lab.faults import rng_state, set_rng_state
 from dpo_lab.logps import completion_logps
@@ -87,8 +87,11 @@ def token_rewards(
         raise ValueError("every completion needs at least one token (its end token)")
     rewards = kl_penalty(logps, ref_logps, beta) * mask
     last = (lengths - 1).long()
-    return rewards.index_put((torch.arange(len(scores), device=scores.device), last),
-                             scores.to(rewards.dtype), accumulate=True)  # fmt: skip
+    return rewards.index_put(
+        (torch.arange(len(scores), device=scores.device), last),
+        scores.to(rewards.dtype),
+        accumulate=True,
+    )
 
 
 def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
@@ -275,8 +278,11 @@ class RewardModelModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         loss = self.step(batch, "train")
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=1)
-        return {"loss": loss, "tokens": batch["attention_mask"].sum(),
-                "examples": len(batch["index"])}  # fmt: skip
+        return {
+            "loss": loss,
+            "tokens": batch["attention_mask"].sum(),
+            "examples": len(batch["index"]),
+        }
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         means = self.sums["train"].compute(self)
@@ -462,7 +468,11 @@ class RLModule(L.LightningModule):
             nn.init.zeros_(self.value_head.bias)
         self._optimizer, self._scheduler = optimizer, scheduler
         self.logps_kwargs = dict(logps_kwargs or {})
-        self.true_reward, self.clip_val, self.padding_free = true_reward, gradient_clip_val, padding_free
+        self.true_reward, self.clip_val, self.padding_free = (
+            true_reward,
+            gradient_clip_val,
+            padding_free,
+        )
         self.gen = {k: self.algo[k] for k in ("temperature", "top_p", "max_new_tokens")}
         self.samples_total = 0
 
@@ -485,7 +495,11 @@ class RLModule(L.LightningModule):
 
     def _token_logps(self, model: nn.Module, seqs: dict[str, Tensor], values: bool = False):
         """((N, C) log-probs, (N, C) mask, (N, C) values or None), rows left-aligned."""
-        n = (seqs["cu_seq_lens"].shape[0] - 1) if "cu_seq_lens" in seqs else seqs["input_ids"].shape[0]
+        n = (
+            (seqs["cu_seq_lens"].shape[0] - 1)
+            if "cu_seq_lens" in seqs
+            else seqs["input_ids"].shape[0]
+        )
         out = completion_logps(
             model, **seqs, per_token=True, hidden_states=values, **self.logps_kwargs
         )
@@ -522,7 +536,9 @@ class RLModule(L.LightningModule):
             "rl/gen_seconds": gen_seconds,
         }
         if self.true_reward is not None:
-            true = [float(self.true_reward(p, y)) for p, y in zip(repeated, gens.texts, strict=True)]
+            true = [
+                float(self.true_reward(p, y)) for p, y in zip(repeated, gens.texts, strict=True)
+            ]
             metrics["rl/true_reward"] = sum(true) / len(true)
         self.samples_total += len(repeated)
         metrics["rl/samples_total"] = float(self.samples_total)
@@ -549,7 +565,9 @@ class RLModule(L.LightningModule):
         several = self._trainer is not None and self._trainer.world_size > 1
         self.log_dict(metrics, on_step=True, batch_size=1, sync_dist=several)
         seqs = roll["seqs"]
-        tokens = seqs["attention_mask"].sum() if "attention_mask" in seqs else seqs["input_ids"].numel()
+        tokens = (
+            seqs["attention_mask"].sum() if "attention_mask" in seqs else seqs["input_ids"].numel()
+        )
         return {"tokens": tokens, "examples": len(roll["gens"].texts)}
 
     def _update(self, loss: Tensor) -> None:
@@ -585,25 +603,35 @@ class RLModule(L.LightningModule):
         if a["whiten_advantages"]:
             advantages = whiten(advantages, mask)
         N = len(gens.texts)
-        stats: dict[str, list[float]] = {"clipfrac": [], "approx_kl": [], "value_loss": [],
-                                         "policy_loss": []}  # fmt: skip
+        stats: dict[str, list[float]] = {
+            "clipfrac": [],
+            "approx_kl": [],
+            "value_loss": [],
+            "policy_loss": [],
+        }
         for _ in range(int(a["epochs"])):
             order = torch.randperm(N).tolist()
             for chunk in torch.tensor(order).chunk(int(a["num_minibatches"])):
                 rows = chunk.tolist()
-                mb = self._sequences([gens.prompt_ids[i] for i in rows],
-                                     [gens.completion_ids[i] for i in rows])  # fmt: skip
+                mb = self._sequences(
+                    [gens.prompt_ids[i] for i in rows], [gens.completion_ids[i] for i in rows]
+                )
                 logps, m, values = self._token_logps(self.policy, mb, values=True)
                 C = m.shape[1]
                 idx = torch.tensor(rows, device=self.device)
                 pg, clipfrac, approx_kl = ppo_policy_loss(
                     logps, old[idx, :C], advantages[idx, :C], m, float(a["clip_range"])
                 )
-                vf = value_loss(values, old_values[idx, :C], returns[idx, :C], m,
-                                float(a["clip_range_value"]))  # fmt: skip
+                vf = value_loss(
+                    values, old_values[idx, :C], returns[idx, :C], m, float(a["clip_range_value"])
+                )
                 self._update(pg + float(a["vf_coef"]) * vf)
-                for name, v in (("clipfrac", clipfrac), ("approx_kl", approx_kl),
-                                ("value_loss", vf), ("policy_loss", pg)):  # fmt: skip
+                for name, v in (
+                    ("clipfrac", clipfrac),
+                    ("approx_kl", approx_kl),
+                    ("value_loss", vf),
+                    ("policy_loss", pg),
+                ):
                     stats[name].append(v.detach().item())
         out = self._rollout_metrics(old, ref, mask)
         out |= {f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()}

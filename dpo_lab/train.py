@@ -128,7 +128,9 @@ def check_rlhf_config(cfg: DictConfig) -> None:
         if cfg.beta is not None:
             raise ConfigError(f"algo=reward_model takes no beta; got beta={cfg.beta!r}")
         if cfg.model.lora.enabled:
-            raise ConfigError("algo=reward_model trains the whole model; set model.lora.enabled=false")
+            raise ConfigError(
+                "algo=reward_model trains the whole model; set model.lora.enabled=false"
+            )
     else:
         beta = cfg.beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
@@ -143,7 +145,9 @@ def check_rlhf_config(cfg: DictConfig) -> None:
         raise ConfigError(f"reference.precompute: algo={algo} scores new samples every step")
     callbacks = [c for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if any(str(c.get("_target_", "")).endswith("ReferenceUpdate") for c in callbacks):
-        raise ConfigError(f"callbacks.reference_update (TR-DPO) is for DPO-style losses, not algo={algo}")
+        raise ConfigError(
+            f"callbacks.reference_update (TR-DPO) is for DPO-style losses, not algo={algo}"
+        )
     strategy = str(cfg.trainer.get("strategy", ""))
     if "fsdp" in strategy.lower() or "deepspeed" in strategy.lower():
         raise ConfigError(
@@ -286,7 +290,9 @@ def _format_summary(summary: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k in keys)
     lines = [f"  {k:<{width}}  {summary[k]:.4f}" for k in keys if k in summary]
-    what = summary["loss"] if summary.get("algo") in (None, "offline", "online") else summary["algo"]
+    what = (
+        summary["loss"] if summary.get("algo") in (None, "offline", "online") else summary["algo"]
+    )
     return "\n".join([f"dpo_lab summary ({what}, beta={summary['beta']}):", *lines])
 
 
@@ -412,9 +418,12 @@ def build_rlhf(cfg: DictConfig, out: Path) -> Run:
         policy = reference_model = None
     else:
         tokenizer, policy, reference_model = build_models(
-            model_cfg, OmegaConf.to_container(cfg.reference, resolve=True), path, source,
+            model_cfg,
+            OmegaConf.to_container(cfg.reference, resolve=True),
+            path,
+            source,
             needs_reference=True,
-        )  # fmt: skip
+        )
     if cfg.dataset.padding_free and policy is not None:
         packing.prepare_model(policy, what="policy")
         if not isinstance(reference_model, PeftReference):
@@ -446,12 +455,15 @@ def build_rlhf(cfg: DictConfig, out: Path) -> Run:
             for split, rows in (("train", data.train), ("val", data.val))
         }
         module: Any = rlhf.RewardModelModule(model, optimizer, scheduler, true)
-        return Run(cfg, out, None, data, path, tokenizer, datamodule, module, loggers, trainer,
-                   ckpt_path)  # fmt: skip
+        return Run(
+            cfg, out, None, data, path, tokenizer, datamodule, module, loggers, trainer, ckpt_path
+        )
     check_strategy(trainer, policy)
     cast = compute_dtype(trainer)
-    if cast is not None and cfg.reference.dtype is None and not isinstance(
-        reference_model, PeftReference
+    if (
+        cast is not None
+        and cfg.reference.dtype is None
+        and not isinstance(reference_model, PeftReference)
     ):
         reference_model.to(cast)
     logps = OmegaConf.to_container(cfg.logps)
@@ -470,8 +482,9 @@ def build_rlhf(cfg: DictConfig, out: Path) -> Run:
         gradient_clip_val=clip,
         padding_free=cfg.dataset.padding_free,
     )
-    return Run(cfg, out, None, data, path, tokenizer, datamodule, module, loggers, trainer,
-               ckpt_path)  # fmt: skip
+    return Run(
+        cfg, out, None, data, path, tokenizer, datamodule, module, loggers, trainer, ckpt_path
+    )
 
 
 def _true_margins(rows: list[dict[str, Any]], reward_fn: Any) -> torch.Tensor | None:
@@ -851,8 +864,10 @@ def _finish_reward_model(run: Run, summary: dict[str, Any], t0: float) -> dict[s
     summary["wall_time_s"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for lg in run.loggers:
-        lg.log_metrics({k: v for k, v in summary.items() if k.startswith("probe/")},
-                       step=run.trainer.global_step)  # fmt: skip
+        lg.log_metrics(
+            {k: v for k, v in summary.items() if k.startswith("probe/")},
+            step=run.trainer.global_step,
+        )
         lg.save()
         experiment = getattr(lg, "experiment", None)
         if hasattr(experiment, "summary"):

@@ -1206,20 +1206,431 @@ def _zoo_figure(groups: dict[str, list[Run]], reference: list[Run], out: Path) -
         )
 
 
-def rlhf_vs_dpo(runs, out):  # placeholder
-    raise NotImplementedError
+# ---------------------------------------------------------------------------------------------
+# RLHF: a reward model and RL (RLOO, PPO) against DPO on the same task
+# ---------------------------------------------------------------------------------------------
+
+RLHF_ARMS = {
+    "rloo_rm": "RLOO, reward model",
+    "ppo_rm": "PPO, reward model",
+    "rloo_true": "RLOO, true reward",
+}
 
 
-def rlhf_noise(runs, out):  # placeholder
-    raise NotImplementedError
+def rl_curves(run: Run, keys: tuple[str, ...] = ("rl/kl", "rl/score", "rl/true_reward")):
+    """Per logged rollout of an RL run (metrics.csv): step and ``keys``."""
+    with open(run.path / "metrics.csv", newline="") as f:
+        return [
+            {"step": float(r["step"]), **{k: float(r[k]) for k in keys}}
+            for r in csv.DictReader(f)
+            if all(r.get(k) not in (None, "") for k in keys)
+        ]
 
 
-def overoptimization(runs, out):  # placeholder
-    raise NotImplementedError
+def crossing(a: list[Run], b: list[Run], metric: str = "eval/reward/policy", n: int = 60) -> str:
+    """Where frontier ``a`` (mean over its seeds) crosses ``b`` inside the KL range both cover:
+    the KLs where a − b changes sign (linear in log KL between grid points), or its sign
+    throughout, with the range of the difference."""
+    ra, rb = kl_range(a, metric), kl_range(b, metric)
+    if not ra or not rb or max(ra[0], rb[0]) >= min(ra[1], rb[1]):
+        return "no shared KL range"
+    lo, hi = max(ra[0], rb[0]), min(ra[1], rb[1])
+    pts = []
+    for i in range(n):
+        kl = lo * (hi / lo) ** (i / (n - 1))
+        va, vb = matched(a, metric, kl), matched(b, metric, kl)
+        if va and vb:
+            pts.append((kl, statistics.fmean(va.values()) - statistics.fmean(vb.values())))
+    if not pts:
+        return "no shared KL range"
+    cross = []
+    for (k0, d0), (k1, d1) in zip(pts, pts[1:], strict=False):
+        if d0 == 0 or d0 * d1 < 0:
+            w = d0 / (d0 - d1) if d0 != d1 else 0.0
+            cross.append(math.exp(math.log(k0) + w * (math.log(k1) - math.log(k0))))
+    diffs = [d for _, d in pts]
+    span = f"KL {pts[0][0]:.2g}–{pts[-1][0]:.2g}, difference {min(diffs):+.3f} to {max(diffs):+.3f}"
+    if cross:
+        return f"crosses at KL ≈ {', '.join(f'{k:.2g}' for k in cross)} ({span})"
+    return f"{'above' if diffs[0] > 0 else 'below'} throughout ({span})"
 
 
-def closed_form_rl(runs, out):  # placeholder
-    raise NotImplementedError
+def rlhf_vs_dpo(runs: dict[str, list[Run]], out: Path) -> str:
+    """DPO's frontier over β (beta_frontier's DPO runs) against RLOO and PPO judged by a learned
+    reward model and RLOO judged by the true reward, at matched KL; the reward model's and DPO's
+    implicit reward's accuracy on the same held-out pairs."""
+    metric = "eval/reward/policy"
+    dpo = [r for r in runs["beta_frontier"] if r.get("loss.name") == "dpo"]
+    rl = runs["rlhf_vs_dpo"] + runs["rlhf_vs_dpo_ppo"]
+    groups = {"DPO": dpo}
+    for arm, label in RLHF_ARMS.items():
+        g = [r for r in rl if r.arm == arm]
+        if g:
+            groups[label] = g
+    _reward_figure(groups, dpo + rl, out, "RLHF vs DPO: reward against KL over β (mean ± 95% CI)")
+    levels = _levels(groups, 4)
+    against = {name: "DPO" for name in groups if name != "DPO"}
+    cross = [
+        f"- {name} against DPO: {crossing(g, dpo)}" for name, g in groups.items() if g is not dpo
+    ]
+    rm = runs["rlhf_vs_dpo_rm"]
+    acc_rows = [
+        [
+            "reward model (BT, 8 epochs)",
+            "—",
+            fmt([r["probe/true_accuracies"] for r in rm]),
+            fmt([r["val/rm/true_accuracies"] for r in rm]),
+            fmt([r["val/rm/accuracies"] for r in rm]),
+            str(len(rm)),
+        ]
+    ]
+    for name, g in groups.items():
+        if name == "DPO" or name.startswith("RLOO, true"):
+            for (beta,), gb in sorted(by(g, "beta").items()):
+                acc_rows.append(
+                    [
+                        f"{name}: β·log π/π_ref",
+                        f"{beta:g}",
+                        fmt([r["probe/true_accuracies"] for r in gb]),
+                        "—",
+                        fmt([r["probe/rewards/accuracies"] for r in gb]),
+                        str(len(gb)),
+                    ]
+                )
+    return "\n\n".join(
+        [
+            "True reward at matched KL:",
+            _matched_tables(groups, metric, levels, against, first="route"),
+            "Where the frontiers cross (means over seeds, inside the KL range both cover):",
+            "\n".join(cross),
+            "Is the language model secretly a reward model? Agreement with the true reward's "
+            "ranking of the first 128 held-out pairs (ties left out), the learned reward "
+            "model's score against each policy's implicit reward; labels: agreement with the "
+            "pairs' (Bradley-Terry drawn) labels.",
+            table(
+                [
+                    "scorer",
+                    "β",
+                    "true accuracy (128 probe pairs)",
+                    "true accuracy (256 val)",
+                    "label accuracy",
+                    "runs",
+                ],
+                acc_rows,
+            ),
+            CAPTION,
+            "<details><summary>Every route and β</summary>",
+            table(PER_BETA, _per_beta_rows(groups)),
+            "</details>",
+        ]
+    )
+
+
+NOISE_DPO_BETAS = (0.1, 1.0)
+NOISE_SEEDS = (0, 1, 2)
+
+
+def rlhf_noise(runs: dict[str, list[Run]], out: Path) -> str:
+    """Per label-noise level: the reward model's and DPO's implicit reward's true accuracy on
+    the 256 held-out pairs, and DPO's and RLOO's (against that level's reward model) true reward
+    at a KL both frontiers reach."""
+    metric = "eval/reward/policy"
+
+    def noise(r: Run) -> float:
+        return round(float(r.get("dataset.label_noise")), 3)
+
+    dpo = [
+        r
+        for r in runs["label_noise"] + runs["rlhf_noise_dpo"]
+        if (r.arm in (None, "dpo"))
+        and r.get("loss.name") == "dpo"
+        and r.get("beta") in NOISE_DPO_BETAS
+        and r.get("seed") in NOISE_SEEDS
+    ]
+    rm, rloo = runs["rlhf_noise_rm"], runs["rlhf_noise"] + runs["rlhf_noise_b"]
+    levels = sorted({noise(r) for r in rm})
+    plt, fig, (ax1, ax2) = _figure(2)
+    rows, curves = [], defaultdict(list)
+    for lv in levels:
+        d = [r for r in dpo if noise(r) == lv]
+        q = [r for r in rloo if noise(r) == lv]
+        m = [r for r in rm if noise(r) == lv]
+        ranges = [kl_range(g, metric) for g in (d, q)]
+        kl = None
+        if all(ranges) and max(ranges[0][0], ranges[1][0]) < min(ranges[0][1], ranges[1][1]):
+            lo, hi = max(ranges[0][0], ranges[1][0]), min(ranges[0][1], ranges[1][1])
+            kl = _round_within(math.sqrt(lo * hi), lo, hi)
+        accs = {"reward model": [r["probe/true_accuracies"] for r in m]}
+        for beta in NOISE_DPO_BETAS:
+            accs[f"DPO β={beta:g}"] = [
+                r["probe/true_accuracies"] for r in d if r.get("beta") == beta
+            ]
+        for name, xs in accs.items():
+            curves[name].append((lv, *ci95(xs)[:2]))
+        row = [f"{lv:g}", *(fmt(xs, 3, len(NOISE_SEEDS)) for xs in accs.values())]
+        if kl is None:
+            row += ["—", "—", "—", "—"]
+        else:
+            row += [
+                f"{kl:g}",
+                _cell(d, metric, kl),
+                _cell(q, metric, kl),
+                _paired_cell(q, d, metric, kl),
+            ]
+            for name, g in (("DPO", d), ("RLOO, reward model", q)):
+                vals = list(matched(g, metric, kl).values())
+                curves[f"reward {name}"].append((lv, *ci95(vals)[:2]))
+        row += [fmt_kl([r["eval/kl"] for r in q if r.get("beta") == b]) for b in (0.01, 0.1)]
+        rows.append(row)
+    for name in ("reward model", *(f"DPO β={b:g}" for b in NOISE_DPO_BETAS)):
+        pts = curves[name]
+        ax1.errorbar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+            capsize=3,
+            marker="o",
+            label=name,
+        )
+    for name in ("reward DPO", "reward RLOO, reward model"):
+        pts = curves[name]
+        ax2.errorbar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+            capsize=3,
+            marker="o",
+            label=name.removeprefix("reward "),
+        )
+    finish_figure(
+        fig,
+        ax1,
+        None,
+        xlabel="share of training labels flipped",
+        ylabel="true accuracy, 256 held-out pairs",
+        title="Reward model vs DPO's implicit reward",
+    )
+    finish_figure(
+        fig,
+        ax2,
+        out,
+        xlabel="share of training labels flipped",
+        ylabel="true reward at the level's matched KL",
+        title="True reward at matched KL (per level)",
+    )
+    header = [
+        "noise",
+        "RM true acc",
+        *(f"DPO β={b:g} true acc" for b in NOISE_DPO_BETAS),
+        "matched KL",
+        "DPO reward",
+        "RLOO(RM) reward",
+        "RLOO − DPO (paired)",
+        "RLOO KL β=0.01",
+        "RLOO KL β=0.1",
+    ]
+    return "\n\n".join(
+        [
+            "Per noise level: true accuracy of each scorer on all 256 held-out pairs (ties left "
+            "out), and each route's true reward at one KL inside both frontiers (the geometric "
+            "middle of their overlap). DPO: β ∈ {0.1, 1}, at 0, 0.2 and 0.4 the label_noise "
+            "study's runs (seeds 0–2), at 0.1 and 0.3 this study's; RLOO: β ∈ {0.01, 0.1}.",
+            table(header, rows),
+            CAPTION,
+        ]
+    )
+
+
+def _binned(curves: list[list[dict[str, float]]], bins: int) -> list[dict[str, tuple]]:
+    """Rollout curves of several seeds (same steps) averaged in ``bins`` equal step bins: per
+    bin, each key's per-seed means, then ``ci95`` over seeds."""
+    last = max(c[-1]["step"] for c in curves)
+    out = []
+    for b in range(bins):
+        lo, hi = last * b / bins, last * (b + 1) / bins
+        per_seed = [
+            [r for r in c if lo <= r["step"] < hi or (b == bins - 1 and r["step"] == hi)]
+            for c in curves
+        ]
+        if not all(per_seed):
+            continue
+        out.append(
+            {
+                k: ci95([statistics.fmean(r[k] for r in rows) for rows in per_seed])
+                for k in per_seed[0][0]
+            }
+        )
+    return out
+
+
+OVEROPT_ARMS = {"rm250": "reward model, 250 pairs", "rm2000": "reward model, 2000 pairs"}
+
+
+def overoptimization(runs: dict[str, list[Run]], out: Path) -> str:
+    """RLOO at β = 0.001 against two reward models: the reward model's score and the true reward
+    of each rollout against its KL (Gao et al. 2023's figure), and where the true reward peaks."""
+    rm_runs = runs["overoptimization_rm"]
+    rl = runs["overoptimization"] + runs["overoptimization_b"]
+    plt, fig, (ax1, ax2) = _figure(2)
+    rows = []
+    for arm, label in OVEROPT_ARMS.items():
+        g = sorted((r for r in rl if r.arm == arm), key=lambda r: r.get("seed"))
+        if not g:
+            continue
+        curves = [rl_curves(r) for r in g]
+        binned = _binned(curves, 24)
+        x = [math.sqrt(max(b["rl/kl"][0], 0.0)) for b in binned]
+        for ax, key in ((ax1, "rl/true_reward"), (ax2, "rl/score")):
+            m = [b[key][0] for b in binned]
+            h = [0 if math.isnan(b[key][1]) else b[key][1] for b in binned]
+            (line,) = ax.plot(x, m, marker="o", ms=3, label=label)
+            ax.fill_between(
+                x,
+                [a - c for a, c in zip(m, h, strict=True)],
+                [a + c for a, c in zip(m, h, strict=True)],
+                alpha=0.2,
+                color=line.get_color(),
+            )
+        peaks, peak_kls, finals, drops, score_gain = [], [], [], [], []
+        for c in curves:  # each seed's curve, smoothed over 5 logged rollouts
+            sm = [
+                statistics.fmean(r["rl/true_reward"] for r in c[max(0, i - 2) : i + 3])
+                for i in range(len(c))
+            ]
+            i = max(range(len(sm)), key=sm.__getitem__)
+            peaks.append(sm[i])
+            peak_kls.append(c[i]["rl/kl"])
+            finals.append(sm[-1])
+            drops.append(sm[-1] - sm[i])
+            first = statistics.fmean(r["rl/score"] for r in c[:5])
+            score_gain.append(statistics.fmean(r["rl/score"] for r in c[-5:]) - first)
+        n = arm.removeprefix("rm")
+        rms = [r for r in rm_runs if str(r.get("dataset.max_samples")) == n]
+        rows.append(
+            [
+                label,
+                fmt([r["probe/true_accuracies"] for r in rms]),
+                fmt(peaks),
+                fmt_kl(peak_kls),
+                fmt(finals),
+                fmt(drops, signed=True),
+                fmt(score_gain, signed=True),
+                fmt_kl([c[-1]["rl/kl"] for c in curves]),
+                fmt([r["eval/reward/policy"] for r in g]),
+                _capped(g),
+                str(len(g)),
+            ]
+        )
+    for ax, ylabel, fname in (
+        (ax1, "true reward of the rollout's samples", None),
+        (ax2, "reward model's score of the rollout's samples", out),
+    ):
+        finish_figure(
+            fig,
+            ax,
+            fname,
+            xlabel="√KL(π‖π_ref) of the rollout, √nats",
+            ylabel=ylabel,
+            title="RLOO at β = 0.001 (mean ± 95% CI over seeds)",
+        )
+    header = [
+        "judge",
+        "RM true acc (256 pairs)",
+        "peak true reward",
+        "KL at peak",
+        "final true reward",
+        "final − peak",
+        "RM score gain",
+        "final KL",
+        "eval true reward",
+        "capped",
+        "seeds",
+    ]
+    return "\n\n".join(
+        [
+            "Per seed, the true reward and the reward model's score of every logged rollout "
+            "(smoothed over 5); peak, final and their difference over seeds. RM score gain: its "
+            "last 5 rollouts' mean score minus its first 5's. Eval: the final policy's held-out "
+            "evaluation.",
+            table(header, rows),
+            CAPTION,
+        ]
+    )
+
+
+def closed_form_rl(runs: dict[str, list[Run]], out: Path) -> str:
+    """KL(π̄‖π*) over training on the closed_form task: DPO (the closed_form study's runs)
+    against RLOO with the true reward, per β."""
+    plt, fig, (ax,) = _figure(1)
+    rows = []
+    colors = {}
+    rl = runs["closed_form_rl"] + runs["closed_form_rl_b"]
+    for route, group in (("DPO", runs["closed_form"]), ("RLOO", rl)):
+        for (beta,), g in sorted(by(group, "beta").items()):
+            curves, last = [], []
+            for r in g:
+                with open(r.path / "closed_form.csv", newline="") as f:
+                    curve = list(csv.DictReader(f))
+                curves.append({int(c["step"]): float(c["kl_to_optimal"]) for c in curve})
+                last.append(curve[-1])
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            m = [statistics.fmean(c[s] for c in curves) for s in steps]
+            style = {
+                "ls": "-" if route == "DPO" else "--",
+                "marker": "o" if route == "DPO" else "s",
+                "ms": 3,
+            }
+            if beta in colors:
+                style["color"] = colors[beta]
+            (line,) = ax.plot(steps, m, label=f"{route} β={beta:g}", **style)
+            colors[beta] = line.get_color()
+            mins = [min(c.values()) for c in curves]
+            rows.append(
+                [
+                    route,
+                    f"{beta:g}",
+                    str(steps[-1]),
+                    fmt([c[steps[0]] for c in curves]),
+                    fmt([float(x["kl_to_optimal"]) for x in last]),
+                    fmt(mins),
+                    fmt([float(x["kl_to_reference"]) for x in last]),
+                    fmt([float(x["reward_corr"]) for x in last]),
+                    fmt([r["eval/reward/policy"] for r in g]),
+                    fmt_kl([r["eval/kl"] for r in g]),
+                    str(len(g)),
+                ]
+            )
+    ax.set_yscale("log")
+    finish_figure(
+        fig,
+        ax,
+        out,
+        xlabel="training step",
+        ylabel="KL(π̄_θ ‖ π̄*) on the response sets, nats (log scale)",
+        title="DPO (solid) and RLOO, true reward (dashed): distance to π*",
+    )
+    header = [
+        "route",
+        "β",
+        "steps",
+        "KL to π* at start",
+        "KL to π* at end",
+        "lowest KL to π*",
+        "KL(π̄‖π̄_ref) end",
+        "implicit-reward corr",
+        "free-sampling true reward",
+        "free-sampling KL",
+        "seeds",
+    ]
+    return "\n\n".join(
+        [
+            "Per β, KL(π̄_θ‖π̄*) of the policy renormalized on each prompt's 6 responses, at the "
+            "start, at the end and its lowest over training (means over seeds); the free-"
+            "sampling columns are the end-of-run evaluation on the task's held-out prompts.",
+            table(header, rows),
+            "Cells: mean ± 95% CI over seeds; KL as geometric mean ×/÷ its 95% factor.",
+        ]
+    )
 
 
 STUDY_FNS = {
@@ -1243,14 +1654,21 @@ STUDY_FNS = {
 # A study's sweeps, where it runs more than one (each `experiment=<name>`; default: its own name)
 SWEEPS = {
     "loss_zoo": ("loss_zoo", "loss_zoo_b", "loss_zoo_c", "loss_zoo_options"),
-    "rlhf_vs_dpo": ("rlhf_vs_dpo_rm", "rlhf_vs_dpo"),
-    "rlhf_noise": ("rlhf_noise_rm", "rlhf_noise_dpo", "rlhf_noise"),
-    "overoptimization": ("overoptimization_rm", "overoptimization"),
+    "rlhf_vs_dpo": ("rlhf_vs_dpo_rm", "rlhf_vs_dpo", "rlhf_vs_dpo_ppo"),
+    "rlhf_noise": ("rlhf_noise_rm", "rlhf_noise_dpo", "rlhf_noise", "rlhf_noise_b"),
+    "overoptimization": ("overoptimization_rm", "overoptimization", "overoptimization_b"),
+    "closed_form_rl": ("closed_form_rl", "closed_form_rl_b"),
 }
 # sweeps that read another sweep's output (RL judged by the reward models a *_rm sweep trained):
 # they start once every sweep without a dependency has finished
-AFTER = {"rlhf_vs_dpo": "rlhf_vs_dpo_rm", "rlhf_noise": "rlhf_noise_rm",
-         "overoptimization": "overoptimization_rm"}  # fmt: skip
+AFTER = {
+    "rlhf_vs_dpo": "rlhf_vs_dpo_rm",
+    "rlhf_vs_dpo_ppo": "rlhf_vs_dpo_rm",
+    "rlhf_noise": "rlhf_noise_rm",
+    "rlhf_noise_b": "rlhf_noise_rm",
+    "overoptimization": "overoptimization_rm",
+    "overoptimization_b": "overoptimization_rm",
+}  # fmt: skip
 # the sweeps each study reads (its own, and the runs it shares)
 READS = {
     "beta_frontier": ["beta_frontier"],
@@ -1265,7 +1683,7 @@ READS = {
     "rlhf_vs_dpo": ["beta_frontier", *SWEEPS["rlhf_vs_dpo"]],
     "rlhf_noise": ["label_noise", *SWEEPS["rlhf_noise"]],
     "overoptimization": list(SWEEPS["overoptimization"]),
-    "closed_form_rl": ["closed_form", "closed_form_rl"],
+    "closed_form_rl": ["closed_form", *SWEEPS["closed_form_rl"]],
 }
 
 

@@ -172,8 +172,14 @@ def reward_model(tmp_path_factory) -> Path:
     from conftest import make_cfg
 
     out = tmp_path_factory.mktemp("rm") / "run"
-    cfg = make_cfg(out, "algo=reward_model", "dataset.batch_size=4", "trainer.max_steps=20",
-                   "model.lr=3e-3", "trainer.log_every_n_steps=5")  # fmt: skip
+    cfg = make_cfg(
+        out,
+        "algo=reward_model",
+        "dataset.batch_size=4",
+        "trainer.max_steps=20",
+        "model.lr=3e-3",
+        "trainer.log_every_n_steps=5",
+    )
     summary = train(cfg)
     assert summary["steps"] == 20 and "val/rm/true_accuracies" in summary  # validated at the end
     with open(out / "metrics.csv", newline="") as f:
@@ -192,9 +198,16 @@ def test_reward_model_trained_20_steps_beats_chance_on_held_out_true_labels(tmp_
     reach 0.82, see README's rlhf studies.)"""
     from conftest import make_cfg
 
-    cfg = make_cfg(tmp_path / "run", "algo=reward_model", "trainer.max_steps=20",
-                   "dataset.batch_size=64", "model.lr=3e-3", "optim.scheduler.warmup_steps=2",
-                   "trainer.enable_progress_bar=false", small=False)  # fmt: skip
+    cfg = make_cfg(
+        tmp_path / "run",
+        "algo=reward_model",
+        "trainer.max_steps=20",
+        "dataset.batch_size=64",
+        "model.lr=3e-3",
+        "optim.scheduler.warmup_steps=2",
+        "trainer.enable_progress_bar=false",
+        small=False,
+    )
     summary = train(cfg)
     assert summary["steps"] == 20
     assert summary["val/rm/true_accuracies"] > 0.6
@@ -238,9 +251,16 @@ def _rl_rows(run_dir: Path) -> list[dict[str, float]]:
 
 @pytest.mark.slow
 def test_a_short_rloo_run_with_the_true_reward_raises_the_true_reward(cfg_factory):
-    cfg = cfg_factory("algo=rloo", "trainer.max_epochs=4", "model.lr=2e-3", "beta=0.02",
-                      "algo.max_new_tokens=12", "trainer.log_every_n_steps=1",
-                      "eval.num_prompts=24", "eval.samples_per_prompt=4")  # fmt: skip
+    cfg = cfg_factory(
+        "algo=rloo",
+        "trainer.max_epochs=4",
+        "model.lr=2e-3",
+        "beta=0.02",
+        "algo.max_new_tokens=12",
+        "trainer.log_every_n_steps=1",
+        "eval.num_prompts=24",
+        "eval.samples_per_prompt=4",
+    )
     summary = train(cfg)
     rows = _rl_rows(Path(cfg.output_dir))
     assert len(rows) == summary["steps"] == 24  # 96 prompts / 16 a batch × 4 epochs
@@ -272,8 +292,17 @@ def test_ppo_metrics_are_finite_against_the_learned_reward_model(cfg_factory, re
     rows = _rl_rows(Path(cfg.output_dir))
     assert len(rows) == 3
     for r in rows:
-        for key in ("ppo/clipfrac", "ppo/approx_kl", "ppo/value_loss", "ppo/explained_variance",
-                    "rl/score", "rl/true_reward", "rl/kl", "rl/entropy", "rl/length"):  # fmt: skip
+        for key in (
+            "ppo/clipfrac",
+            "ppo/approx_kl",
+            "ppo/value_loss",
+            "ppo/explained_variance",
+            "rl/score",
+            "rl/true_reward",
+            "rl/kl",
+            "rl/entropy",
+            "rl/length",
+        ):
             assert math.isfinite(r[key]), (key, r)
         assert 0.0 <= r["ppo/clipfrac"] <= 1.0
         assert r["ppo/approx_kl"] >= 0 and r["ppo/value_loss"] >= 0
@@ -289,9 +318,19 @@ def test_rloo_under_lora_and_two_ddp_processes(tmp_path):
     KL is against the base with adapters off (0 at the first rollout), both ranks log, and the
     final adapter comes from rank 0."""
     out = tmp_path / "run"
-    run_cli(*DDP_CPU, *LORA, "algo=rloo", "dataset.batch_size=4", "trainer.max_steps=3",
-            "algo.max_new_tokens=8", "trainer.log_every_n_steps=1", "eval.num_prompts=4",
-            f"hydra.run.dir={out}", cwd=tmp_path, timeout=240)  # fmt: skip
+    run_cli(
+        *DDP_CPU,
+        *LORA,
+        "algo=rloo",
+        "dataset.batch_size=4",
+        "trainer.max_steps=3",
+        "algo.max_new_tokens=8",
+        "trainer.log_every_n_steps=1",
+        "eval.num_prompts=4",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+        timeout=240,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["rl/samples_total"] == 3 * 4 * 4  # rank 0's
     rows = _rl_rows(out)
@@ -305,19 +344,33 @@ def test_ppo_first_update_reproduces_the_rollout_and_the_schedule_counts_updates
     before any step, so its ratio to the rollout's log-probs is 1 on every token: clipfrac 0 and
     approx_kl 0 (an index or column mix-up shows here). The learning-rate schedule is sized in
     optimizer steps: 2 batches × 3 epochs × 2 minibatches = 12, decaying to 0 at the last."""
-    cfg = cfg_factory("algo=ppo", "algo.epochs=1", "algo.num_minibatches=1", "trainer.max_steps=1",
-                      "algo.max_new_tokens=10", "trainer.log_every_n_steps=1",
-                      "eval.num_prompts=0")  # fmt: skip
+    cfg = cfg_factory(
+        "algo=ppo",
+        "algo.epochs=1",
+        "algo.num_minibatches=1",
+        "trainer.max_steps=1",
+        "algo.max_new_tokens=10",
+        "trainer.log_every_n_steps=1",
+        "eval.num_prompts=0",
+    )
     run = build(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     (row,) = _rl_rows(Path(cfg.output_dir))
     assert row["ppo/clipfrac"] == 0.0
     assert row["ppo/approx_kl"] == pytest.approx(0.0, abs=1e-6)
 
-    cfg = cfg_factory("algo=ppo", "algo.epochs=3", "algo.num_minibatches=2",
-                      "dataset.max_samples=32", "trainer.max_epochs=1", "algo.max_new_tokens=6",
-                      "optim.scheduler.decay=linear", "optim.scheduler.warmup_steps=0",
-                      "eval.num_prompts=0", "trainer.log_every_n_steps=1")  # fmt: skip
+    cfg = cfg_factory(
+        "algo=ppo",
+        "algo.epochs=3",
+        "algo.num_minibatches=2",
+        "dataset.max_samples=32",
+        "trainer.max_epochs=1",
+        "algo.max_new_tokens=6",
+        "optim.scheduler.decay=linear",
+        "optim.scheduler.warmup_steps=0",
+        "eval.num_prompts=0",
+        "trainer.log_every_n_steps=1",
+    )
     run = build(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.global_step == 12
