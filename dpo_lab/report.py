@@ -39,6 +39,8 @@ METRICS = (
     "probe/frac_chosen_below_ref",
     "wall_time_s",
 )
+# shown where some job has them: a reward model's run (algo=reward_model) evaluates no policy
+EXTRA = ("val/rm/accuracies", "val/rm/true_accuracies")
 
 
 @dataclass
@@ -87,9 +89,10 @@ def _fmt(v: Any) -> str:
 
 
 def write_tables(jobs: list[Job], sweep: Path) -> tuple[Path, Path]:
-    header = ["job", "overrides", "status", *METRICS, "error"]
+    metrics = [*METRICS, *(m for m in EXTRA if any(m in j.summary for j in jobs))]
+    header = ["job", "overrides", "status", *metrics, "error"]
     rows = [
-        [j.path.name, j.overrides, j.status, *(j.summary.get(m) for m in METRICS), j.error]
+        [j.path.name, j.overrides, j.status, *(j.summary.get(m) for m in metrics), j.error]
         for j in jobs
     ]
     with open(sweep / "report.csv", "w", newline="") as f:

@@ -400,10 +400,19 @@ def load_reward_model(path: str, model_cfg: dict[str, Any]) -> tuple[Any, nn.Mod
 # ---------------------------------------------------------------------------- RL
 
 
-def judge_scores(judge: Any, tokenizer: Any, gens: Any) -> list[float]:
-    """The judge's scores of generations: a reward model with the policy's vocabulary scores the
-    very token ids sampled (no decode and re-encode); any other judge the decoded texts."""
-    if isinstance(judge, RewardModelJudge) and judge.tokenizer.get_vocab() == tokenizer.get_vocab():
+def scores_ids(judge: Any, tokenizer: Any) -> bool:
+    """Whether ``judge`` scores token ids: a reward model with the policy's vocabulary scores the
+    very ids sampled (no decode and re-encode); any other judge the decoded texts."""
+    return (
+        isinstance(judge, RewardModelJudge)
+        and judge.tokenizer.get_vocab() == tokenizer.get_vocab()
+        and judge.tokenizer.pad_token_id is not None
+    )
+
+
+def judge_scores(judge: Any, gens: Any, ids: bool) -> list[float]:
+    """The judge's scores of generations (``ids``: of their token ids, see ``scores_ids``)."""
+    if ids:
         return judge.score_ids(gens.prompt_ids, gens.completion_ids)
     return judge(gens.prompts, gens.texts)
 
@@ -448,6 +457,7 @@ class RLModule(L.LightningModule):
         self.automatic_optimization = False
         self.policy, self.reference = policy, reference
         self.judge, self.tokenizer, self.prompts = as_judge(judge), tokenizer, list(prompts)
+        self._judge_ids = scores_ids(self.judge, tokenizer)
         self.algo, self.beta = dict(algo), float(beta)
         self.name = self.algo["name"]
         self.k = int(self.algo["samples_per_prompt"])
@@ -524,7 +534,7 @@ class RLModule(L.LightningModule):
         )
         gen_seconds = time.perf_counter() - t0
         capped = torch.tensor(gens.capped, dtype=torch.float32, device=self.device)
-        raw = torch.tensor(judge_scores(self.judge, self.tokenizer, gens), device=self.device)
+        raw = torch.tensor(judge_scores(self.judge, gens, self._judge_ids), device=self.device)
         scores = raw.float() - float(self.algo["missing_eos_penalty"]) * capped
         seqs = self._sequences(gens.prompt_ids, gens.completion_ids)
         with torch.no_grad():
@@ -650,6 +660,14 @@ class RLModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("dpo_lab", {})
-        if "rng" in extra:
-            set_rng_state(extra["rng"])
+        self._resume_rng = extra.get("rng")  # set at the first batch: see on_train_batch_start
         self.samples_total = int(extra.get("samples_total", 0))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A resumed run's RNG state, set just before its first rollout rather than at load:
+        the data loader's iterator, made in between, draws from the global generator (its base
+        seed), which the uninterrupted run drew at its epoch's start."""
+        state = getattr(self, "_resume_rng", None)
+        if state is not None:
+            set_rng_state(state)
+            self._resume_rng = None

@@ -235,3 +235,38 @@ def test_online_config_errors(cfg_factory):
         check_config(cfg_factory("algo=online", "reference.precompute=true"))
     with pytest.raises(ConfigError, match="samples_per_prompt must be >= 2"):
         build(cfg_factory("algo=online", "algo.samples_per_prompt=1", "eval.num_prompts=0"))
+
+
+@pytest.mark.slow
+def test_online_run_ended_by_max_steps_extends_exactly(tmp_path):
+    """Online DPO stopped at step 2, resumed to 4: the same samples and pairs as a run of 4
+    straight (the sampling RNG is set at the first resumed step, after the data loader's iterator
+    has drawn its seed, as it had in the uninterrupted run)."""
+    import csv
+
+    from conftest import make_cfg
+
+    from dpo_lab.train import train
+
+    steps = [
+        "algo=online",
+        "algo.max_new_tokens=8",
+        "trainer.max_epochs=-1",
+        "checkpoint.every_n_steps=2",
+        "trainer.log_every_n_steps=1",
+        "eval.num_prompts=0",
+    ]
+
+    def rows(out):
+        with open(out / "metrics.csv", newline="") as f:
+            return [
+                (r["step"], r["online/score"], r["online/pairs"])
+                for r in csv.DictReader(f)
+                if r.get("online/score")
+            ]
+
+    whole, extended = tmp_path / "whole", tmp_path / "extended"
+    train(make_cfg(whole, *steps, "trainer.max_steps=4"))
+    train(make_cfg(extended, *steps, "trainer.max_steps=2"))
+    train(make_cfg(extended, *steps, "trainer.max_steps=4", "resume=auto"))
+    assert len(rows(whole)) == 4 and rows(whole) == rows(extended)

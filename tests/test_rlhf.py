@@ -376,3 +376,37 @@ def test_ppo_first_update_reproduces_the_rollout_and_the_schedule_counts_updates
     assert run.trainer.global_step == 12
     scheduler = run.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_a_ppo_run_ended_by_max_steps_extends_exactly(tmp_path):
+    """PPO stopped at 4 optimizer steps (2 rollout batches of 2 updates), resumed to 8: the same
+    rollouts (the sampling RNG is in the checkpoint), the same updates (value head, AdamW state,
+    schedule) and the same final policy as a run of 8 straight."""
+    from conftest import make_cfg
+    from safetensors.torch import load_file
+
+    steps = [
+        "algo=ppo",
+        "algo.epochs=1",
+        "algo.num_minibatches=2",
+        "algo.max_new_tokens=8",
+        "trainer.max_epochs=-1",
+        "checkpoint.every_n_steps=2",
+        "trainer.log_every_n_steps=1",
+        "eval.num_prompts=0",
+        "optim.scheduler.decay=linear",
+    ]
+    whole, extended = tmp_path / "whole", tmp_path / "extended"
+    train(make_cfg(whole, *steps, "trainer.max_steps=8"))
+    train(make_cfg(extended, *steps, "trainer.max_steps=4"))
+    summary = train(make_cfg(extended, *steps, "trainer.max_steps=8", "resume=auto"))
+    assert summary["steps"] == 8
+    a, b = _rl_rows(whole), _rl_rows(extended)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b, strict=True):
+        for key in ("rl/score", "rl/kl", "ppo/clipfrac", "ppo/value_loss", "train/lr"):
+            assert x.get(key) == y.get(key), (key, x, y)
+    wa = load_file(whole / "final" / "model.safetensors")
+    wb = load_file(extended / "final" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
