@@ -281,6 +281,7 @@ def test_ppo_metrics_are_finite_against_the_learned_reward_model(cfg_factory, re
         "trainer.max_steps=12",  # optimizer steps: 3 rollouts × 2 epochs × 2 minibatches
         "algo.epochs=2",
         "algo.max_new_tokens=10",
+        "probe.every_n_steps=3",  # crossed, never landed on, by 4 steps a batch
         "trainer.log_every_n_steps=1",
         "eval.num_prompts=0",
         "+algo.judge._target_=dpo_lab.online.RewardModelJudge",
@@ -308,8 +309,11 @@ def test_ppo_metrics_are_finite_against_the_learned_reward_model(cfg_factory, re
         assert r["ppo/approx_kl"] >= 0 and r["ppo/value_loss"] >= 0
     assert rows[0]["rl/kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout is π_ref's own
     assert rows[-1]["ppo/clipfrac"] > 0 or rows[-1]["ppo/approx_kl"] > 0  # the updates moved π
-    # the value head trained (zero at the start), and the reference did not move
+    # the value head trained (zero at the start)
     assert run.module.value_head.weight.abs().sum() > 0
+    # the probe scores at the first step past each multiple of 3 (and at 0 and the end)
+    with open(Path(cfg.output_dir) / "probe.csv", newline="") as f:
+        assert sorted({int(r["step"]) for r in csv.DictReader(f)}) == [0, 4, 8, 12]
 
 
 @pytest.mark.slow

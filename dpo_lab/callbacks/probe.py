@@ -195,7 +195,9 @@ class DisplacementProbe(L.Callback):
         self._record(trainer, pl_module)  # step 0: the policy before any update
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        if trainer.global_step % self.every == 0:
+        # at the first step at or past each multiple of N: a batch may take several optimizer
+        # steps (PPO's epochs × minibatches), so the step can pass a multiple without landing on it
+        if trainer.global_step // self.every > self.last_step // self.every:
             self._record(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:

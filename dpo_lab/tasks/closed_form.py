@@ -261,7 +261,8 @@ class ClosedFormProbe(L.Callback):
         self._record(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        if trainer.global_step % self.every == 0:
+        # the first step at or past each multiple of N (PPO takes several steps a batch)
+        if trainer.global_step // self.every > self.last_step // self.every:
             self._record(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
