@@ -233,8 +233,8 @@ def completion_logps(
         kept = torch.where(place < first.to(rows.device)[rows], token_logps, 0.0)
         out += (torch.zeros_like(logps).index_add(0, rows, kept),)
     if aligned:
-        per_token = (token_logps.detach().float() - sq).to(logps.dtype)
-        total = torch.zeros_like(logps).index_add(0, rows, per_token)
+        weights = (token_logps.detach().float() - sq).to(logps.dtype)
+        total = torch.zeros_like(logps).index_add(0, rows, weights)
         out += (total / tokens.clamp(min=1).to(total.dtype),)
     if per_token:
         out += (token_logps, rows)

@@ -43,7 +43,10 @@ class TaskRewardJudge:
 
 
 class RewardModelJudge:
-    """A sequence-classification reward model scoring ``prompt + completion`` (its first logit).
+    """A sequence-classification reward model: its first logit on ``prompt + separator +
+    completion`` (``__call__``: any reward model, pooled as transformers pools), or on token ids
+    (``score_ids``: a model with the policy's vocabulary, such as ``algo=reward_model``'s
+    ``final/``, scored at each sequence's last token as it was trained: ``rlhf.reward_scores``).
 
     Args:
         name_or_path: hub id or local directory of an ``AutoModelForSequenceClassification``.
@@ -57,7 +60,13 @@ class RewardModelJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         local = Path(name_or_path).expanduser()
-        if name_or_path.startswith((".", "/", "~")) and not (local / "config.json").exists():
+        looks_local = (
+            name_or_path.startswith((".", "/", "~"))
+            or local.exists()
+            or ".." in name_or_path
+            or name_or_path.count("/") > 1  # a hub id is one "owner/name"
+        )
+        if looks_local and not (local / "config.json").exists():
             raise ConfigError(
                 f"algo.judge.name_or_path={name_or_path!r}: no reward model there (no "
                 "config.json); train one first with algo=reward_model, whose run dir's final/ "

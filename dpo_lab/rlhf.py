@@ -186,15 +186,26 @@ def left_aligned(flat: Tensor, rows: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 
 def reward_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """(N,) fp32 scores of a padded batch's sequences (prompt and completion ids) under a
-    sequence-classification reward model: its logit at each row's last non-padding token."""
-    if "cu_seq_lens" in batch:
-        raise ConfigError(
-            "dataset.padding_free: a reward model's score pools each row's last token, and "
-            "packed rows have none to pool; use padded batches for algo=reward_model"
-        )
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits[:, 0].float()
+    """(N,) fp32 scores of a padded batch's sequences (prompt and completion ids, left or right
+    padded) under a sequence-classification reward model: its scalar head at each row's last
+    attended position, in fp32.
+
+    By position, not as transformers pools (the last token that is not the pad token): where the
+    pad token is the end token (SmolLM2's ``<|im_end|>``; Llama's and Pythia's EOS set as pad),
+    that would skip every completion's end token, so the model could not tell a finished answer
+    from one cut off at the cap. Heads other than a linear ``score`` (the decoder-only
+    architectures' name) fall back to transformers' own pooling."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    head = getattr(model, "score", None)
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(head, nn.Linear) or decoder is None or decoder is model:
+        return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+    last = (torch.arange(ids.shape[1], device=ids.device) * mask).argmax(-1)
+    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    h = hidden[torch.arange(ids.shape[0], device=ids.device), last]
+    with torch.autocast(h.device.type, enabled=False):  # the score in fp32, not rounded to bf16
+        bias = None if head.bias is None else head.bias.float()
+        return F.linear(h.float(), head.weight.float(), bias)[:, 0]
 
 
 class _Sums:
@@ -306,9 +317,14 @@ class RewardModelModule(L.LightningModule):
         was = self.model.training
         self.model.eval()
         margins = []
+        trainer = self._trainer
         for batch in batches:
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            s = reward_scores(self.model, batch)
+            if trainer is not None:  # under the run's precision, as validation scores
+                with trainer.precision_plugin.forward_context():
+                    s = reward_scores(self.model, batch)
+            else:
+                s = reward_scores(self.model, batch)
             B = len(batch["index"])
             margins.append((s[:B] - s[B:]).cpu())
         self.model.train(was)
@@ -360,17 +376,20 @@ def _optimizers(module: L.LightningModule, params: list[Tensor], updates_per_bat
 def load_reward_model(path: str, model_cfg: dict[str, Any]) -> tuple[Any, nn.Module]:
     """(tokenizer, ``AutoModelForSequenceClassification`` with a fresh scalar head) on the
     model at ``path`` (the SFT base), in ``model.dtype``, its pad token set for the pooling."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from dpo_lab.models import DTYPES, disable_dropout, keep_trainable, load_model
+    from dpo_lab.models import DTYPES, disable_dropout, keep_trainable
 
-    tokenizer, _ = load_model(
-        path,
-        dtype=model_cfg["dtype"],
-        attn_implementation=model_cfg["attn_implementation"],
-        trust_remote_code=model_cfg["trust_remote_code"],
+    if model_cfg["dtype"] not in DTYPES:
+        raise ConfigError(
+            f"model.dtype={model_cfg['dtype']!r}: expected one of {', '.join(DTYPES)}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, trust_remote_code=model_cfg["trust_remote_code"]
     )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized": that is the point
     try:
@@ -400,6 +419,19 @@ def load_reward_model(path: str, model_cfg: dict[str, Any]) -> tuple[Any, nn.Mod
 # ---------------------------------------------------------------------------- RL
 
 
+def check_ppo(algo: dict[str, Any]) -> None:
+    """PPO's settings in their ranges, each error naming its key."""
+    for key in ("epochs", "num_minibatches"):
+        if int(algo[key]) < 1:
+            raise ConfigError(f"algo.{key} must be >= 1, got {algo[key]}")
+    for key, lo, hi in (("clip_range", 0, None), ("clip_range_value", 0, None),
+                        ("vf_coef", 0, None), ("gamma", 0, 1), ("lam", 0, 1)):  # fmt: skip
+        v = algo[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (hi and v > hi):
+            want = f"in [{lo}, {hi}]" if hi else f">= {lo}"
+            raise ConfigError(f"algo.{key} must be a number {want}, got {v!r}")
+
+
 def scores_ids(judge: Any, tokenizer: Any) -> bool:
     """Whether ``judge`` scores token ids: a reward model with the policy's vocabulary scores the
     very ids sampled (no decode and re-encode); any other judge the decoded texts."""
@@ -426,14 +458,17 @@ class RLModule(L.LightningModule):
         judge: a batch judge or per-pair callable (``dpo_lab.online.as_judge``).
         tokenizer: the policy's tokenizer.
         prompts: the training split's prompts; a batch's ``index`` picks its prompts.
+        prompt_ids: each training row's prompt token ids by ``index``, as the data module
+            tokenized them (cut to ``dataset.max_prompt_length``, as DPO and the reward model
+            saw them).
         algo: the ``algo`` config (name, samples_per_prompt, sampling and PPO settings).
         beta: the KL penalty's β.
         optimizer, scheduler: as ``PreferenceModule``'s; the scheduler steps every update.
         logps_kwargs: ``completion_logps`` settings.
         true_reward: the task's ground-truth ``reward(prompt, completion)``, logged as
             ``rl/true_reward`` on every rollout (None: not logged).
-        gradient_clip_val: the norm clip of every update (manual optimization: the trainer's own
-            setting is taken here).
+        gradient_clip_val, gradient_clip_algorithm: the clip of every update (manual
+            optimization: the trainer's own settings are taken here).
         padding_free: pack each update's sequences into one row.
     """
 
@@ -444,6 +479,7 @@ class RLModule(L.LightningModule):
         judge: Any,
         tokenizer: Any,
         prompts: Sequence[Any],
+        prompt_ids: dict[int, list[int]],
         algo: dict[str, Any],
         beta: float,
         optimizer: Callable[..., torch.optim.Optimizer],
@@ -451,6 +487,7 @@ class RLModule(L.LightningModule):
         logps_kwargs: dict[str, Any] | None = None,
         true_reward: Callable[[Any, str], float] | None = None,
         gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
         padding_free: bool = False,
     ):
         super().__init__()
@@ -468,9 +505,7 @@ class RLModule(L.LightningModule):
         self.updates_per_batch = 1
         self.value_head = None
         if self.name == "ppo":
-            for key in ("epochs", "num_minibatches"):
-                if int(self.algo[key]) < 1:
-                    raise ConfigError(f"algo.{key} must be >= 1, got {self.algo[key]}")
+            check_ppo(self.algo)
             self.updates_per_batch = int(self.algo["epochs"]) * int(self.algo["num_minibatches"])
             hidden = policy.config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1)
@@ -478,12 +513,9 @@ class RLModule(L.LightningModule):
             nn.init.zeros_(self.value_head.bias)
         self._optimizer, self._scheduler = optimizer, scheduler
         self.logps_kwargs = dict(logps_kwargs or {})
-        self.true_reward, self.clip_val, self.padding_free = (
-            true_reward,
-            gradient_clip_val,
-            padding_free,
-        )
-        self.gen = {k: self.algo[k] for k in ("temperature", "top_p", "max_new_tokens")}
+        self.true_reward, self.padding_free = true_reward, padding_free
+        self.clip_val, self.clip_algorithm = gradient_clip_val, gradient_clip_algorithm or "norm"
+        self.prompt_ids = prompt_ids
         self.samples_total = 0
 
     def on_fit_start(self) -> None:
@@ -515,22 +547,26 @@ class RLModule(L.LightningModule):
         )
         logps, mask = left_aligned(out[2], out[3], n)
         v = None
-        if values:
-            v, _ = left_aligned(self.value_head(out[4]).squeeze(-1).float(), out[3], n)
+        if values:  # fp32 values whatever the trunk computes in (bf16 hidden states included)
+            w = self.value_head.weight
+            with torch.autocast(w.device.type, enabled=False):
+                pred = self.value_head(out[4].to(w.dtype)).squeeze(-1).float()
+            v, _ = left_aligned(pred, out[3], n)
         return logps, mask, v
 
     def rollout(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        prompts = [self.prompts[i] for i in batch["index"].tolist()]
-        repeated = [p for p in prompts for _ in range(self.k)]
-        gens = generate(
+        index = [i for i in batch["index"].tolist() for _ in range(self.k)]
+        repeated = [self.prompts[i] for i in index]
+        gens = generate(  # temperature 1, top-p 1: π's own samples, as the KL estimate needs
             self.policy,
             self.tokenizer,
             repeated,
             batch_size=len(repeated),
+            max_new_tokens=int(self.algo["max_new_tokens"]),
             stop=stop_token_ids(self.policy, self.tokenizer),
             synced_gpus=synced_generation(self._trainer),
-            **self.gen,
+            prompt_ids=[self.prompt_ids[i] for i in index],
         )
         gen_seconds = time.perf_counter() - t0
         capped = torch.tensor(gens.capped, dtype=torch.float32, device=self.device)
@@ -584,12 +620,22 @@ class RLModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(loss)
-        if self.clip_val:
-            clip_gradients(self, opt, self.clip_val, "norm")
-        opt.step()
+        opt.step()  # clipped in on_before_optimizer_step, after AMP's unscaling
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip here: under 16-mixed, Lightning unscales the gradients inside ``opt.step()``,
+        just before this hook (and after the callbacks read ``train/grad_norm``), as it does
+        before its own clipping under automatic optimization."""
+        if self.clip_val:
+            clip_gradients(self, optimizer, self.clip_val, self.clip_algorithm)
+
+    def _out_of_steps(self) -> bool:
+        """``trainer.max_steps`` reached inside a batch (PPO's updates): stop there."""
+        trainer = self._trainer
+        return trainer is not None and 0 < trainer.max_steps <= trainer.global_step
 
     def _rloo(self, roll: dict[str, Any]) -> dict[str, float]:
         logps, mask, _ = self._token_logps(self.policy, roll["seqs"])
@@ -620,9 +666,10 @@ class RLModule(L.LightningModule):
             "policy_loss": [],
         }
         for _ in range(int(a["epochs"])):
-            order = torch.randperm(N).tolist()
-            for chunk in torch.tensor(order).chunk(int(a["num_minibatches"])):
+            for chunk in torch.randperm(N).tensor_split(int(a["num_minibatches"])):
                 rows = chunk.tolist()
+                if not rows or self._out_of_steps():  # a batch shorter than the minibatches
+                    continue
                 mb = self._sequences(
                     [gens.prompt_ids[i] for i in rows], [gens.completion_ids[i] for i in rows]
                 )

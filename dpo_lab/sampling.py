@@ -53,6 +53,7 @@ def generate(
     top_p: float = 1.0,
     stop: list[int] | None = None,
     synced_gpus: bool = False,
+    prompt_ids: list[list[int]] | None = None,
 ) -> Generations:
     """Sample one completion per prompt (left-padded batches, KV cache), cut after its first end
     token: any of ``stop`` (default ``stop_token_ids(model, tokenizer)``). A sample with no end
@@ -62,7 +63,8 @@ def generate(
     whatever the model's own ``generation_config`` suggests), so that with temperature 1 and
     top-p 1 the samples are draws from π itself, which the KL estimates need. ``synced_gpus``:
     every process keeps running forwards until all are done (sharded weights, see
-    ``dpo_lab.sharding``).
+    ``dpo_lab.sharding``). ``prompt_ids``: the prompts already tokenized (RL passes the data
+    module's, cut to ``dataset.max_prompt_length``); ``prompts`` are then their texts.
     """
     was_training = model.training
     model.eval()
@@ -72,7 +74,11 @@ def generate(
     ends = set(stop)
     out = Generations(prompts, [], [], [], [])
     for start in range(0, len(prompts), batch_size):
-        chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        chunk = (
+            [list(ids) for ids in prompt_ids[start : start + batch_size]]
+            if prompt_ids is not None
+            else [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        )
         P = max(len(ids) for ids in chunk)
         input_ids = torch.full((len(chunk), P), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), P), dtype=torch.long)

@@ -131,10 +131,30 @@ def check_rlhf_config(cfg: DictConfig) -> None:
             raise ConfigError(
                 "algo=reward_model trains the whole model; set model.lora.enabled=false"
             )
+        if cfg.dataset.padding_free:
+            raise ConfigError(
+                "dataset.padding_free: a reward model scores each sequence at its last token, "
+                "and algo=reward_model batches are padded; set dataset.padding_free=false"
+            )
     else:
         beta = cfg.beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
             raise ConfigError(f"beta must be a number > 0 for algo={algo}, got {beta!r}")
+        if cfg.model.lora.enabled and cfg.model.lora.dropout:
+            raise ConfigError(
+                f"model.lora.dropout={cfg.model.lora.dropout}: algo={algo} takes its samples' "
+                "log-probs, the KL penalty and PPO's ratios from the policy's forward, which "
+                "dropout would make noisy (π_old ≠ π at the first update); set "
+                "model.lora.dropout=0"
+            )
+        if algo == "ppo":
+            rlhf.check_ppo(OmegaConf.to_container(cfg.algo, resolve=True))
+            rows = cfg.dataset.batch_size * cfg.algo.samples_per_prompt
+            if rows < cfg.algo.num_minibatches:
+                raise ConfigError(
+                    f"algo.num_minibatches={cfg.algo.num_minibatches}: a rollout batch has "
+                    f"{rows} samples (dataset.batch_size × algo.samples_per_prompt)"
+                )
         if int(cfg.trainer.get("accumulate_grad_batches") or 1) != 1:
             raise ConfigError(
                 f"trainer.accumulate_grad_batches: algo={algo} updates once per rollout batch "
@@ -434,10 +454,13 @@ def build_rlhf(cfg: DictConfig, out: Path) -> Run:
     ckpt_path = resolve_resume(cfg.resume, out)
     loggers = build_loggers(cfg, out, datamodule, resuming=ckpt_path is not None)
     trainer_cfg = cfg.trainer.copy()
-    clip = None
+    clip, clip_algorithm = None, None
     if algo != "reward_model":  # manual optimization: the module clips each update itself
         clip = trainer_cfg.get("gradient_clip_val")
+        clip_algorithm = trainer_cfg.get("gradient_clip_algorithm")
         trainer_cfg.gradient_clip_val = None
+        if "gradient_clip_algorithm" in trainer_cfg:
+            trainer_cfg.gradient_clip_algorithm = None
     callbacks = build_callbacks(cfg, data, tokenizer, None, loggers)
     if algo == "reward_model":  # the probe and a task's oracle score a policy, which it has not
         callbacks = [
@@ -467,12 +490,15 @@ def build_rlhf(cfg: DictConfig, out: Path) -> Run:
     ):
         reference_model.to(cast)
     logps = OmegaConf.to_container(cfg.logps)
+    if algo == "ppo":  # a batch takes several optimizer steps: checkpoint where a batch ends
+        _checkpoint_at_batch_ends(trainer, cfg.algo.epochs * cfg.algo.num_minibatches)
     module = rlhf.RLModule(
         policy,
         LiveReference(reference_model, logps),
         _judge(cfg, data),
         tokenizer,
         [r["prompt"] for r in data.train],
+        {it["index"]: it["prompt_ids"] for it in datamodule.train_items},
         OmegaConf.to_container(cfg.algo, resolve=True),
         cfg.beta,
         optimizer,
@@ -480,11 +506,29 @@ def build_rlhf(cfg: DictConfig, out: Path) -> Run:
         logps_kwargs=logps,
         true_reward=data.reward_fn,
         gradient_clip_val=clip,
+        gradient_clip_algorithm=clip_algorithm,
         padding_free=cfg.dataset.padding_free,
     )
     return Run(
         cfg, out, None, data, path, tokenizer, datamodule, module, loggers, trainer, ckpt_path
     )
+
+
+def _checkpoint_at_batch_ends(trainer: L.Trainer, updates: int) -> None:
+    """``checkpoint.every_n_steps`` rounded up to a multiple of a PPO batch's ``updates``:
+    Lightning checks it once per batch, against a step that advances by ``updates``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    for cb in trainer.callbacks:
+        n = getattr(cb, "_every_n_train_steps", 0) if isinstance(cb, ModelCheckpoint) else 0
+        if n and n % updates:
+            rounded = -(-n // updates) * updates
+            rank_zero_warn(
+                f"checkpoint.every_n_steps={n}: PPO takes {updates} optimizer steps a batch "
+                f"(algo.epochs × algo.num_minibatches), so it checkpoints every {rounded}"
+            )
+            cb._every_n_train_steps = rounded
 
 
 def _true_margins(rows: list[dict[str, Any]], reward_fn: Any) -> torch.Tensor | None:
@@ -766,6 +810,10 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
     """After fit: evaluate, save ``final/`` and ``summary.json``, close the loggers."""
     cfg, module, trainer, out = run.cfg, run.module, run.trainer, run.out
     policy = getattr(module, "policy", None)  # a reward model's run has none
+    if isinstance(module, rlhf.RewardModelModule) and "val/rm/loss" not in trainer.callback_metrics:
+        # stopped (max_steps) before any validation: score the held-out pairs now, on every
+        # process (the reduction is collective)
+        trainer.validate(module, datamodule=run.datamodule, verbose=False)
     if shards_parameters(trainer):  # every process helps gather the whole policy onto rank 0
         state = full_policy_state(trainer, module)
         if trainer.is_global_zero:
@@ -851,11 +899,6 @@ def _finish_reward_model(run: Run, summary: dict[str, Any], t0: float) -> dict[s
     """A reward model's end of run: its probe-pair accuracies, ``final/`` (a transformers
     sequence classifier that ``RewardModelJudge`` loads) and ``summary.json``."""
     module, out = run.module, run.out
-    if "val/rm/loss" not in summary:  # stopped (max_steps) before any validation: score it now
-        run.trainer.validate(module, datamodule=run.datamodule, verbose=False)
-        summary.update(
-            {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("val/")}
-        )
     summary.update(
         module.probe_metrics(run.datamodule.probe_batches(), run.datamodule.probe_true_margins())
     )

@@ -327,8 +327,8 @@ def test_reward_model_then_ppo_against_it_on_cuda(tmp_path, precision):
 def test_rloo_lora_on_a_bf16_base_on_cuda(tmp_path):
     out = tmp_path / "run"
     run_cli(*GPU, "algo=rloo", "model.dtype=bfloat16", "model.lora.enabled=true",
-            "model.lora.r=4", "model.lr=5e-3", "trainer.max_steps=3", "dataset.batch_size=8",
-            f"hydra.run.dir={out}", cwd=tmp_path)  # fmt: skip
+            "model.lora.dropout=0", "model.lora.r=4", "model.lr=5e-3", "trainer.max_steps=3",
+            "dataset.batch_size=8", f"hydra.run.dir={out}", cwd=tmp_path)  # fmt: skip
     from safetensors.torch import load_file
 
     adapter = load_file(out / "final" / "adapter_model.safetensors")

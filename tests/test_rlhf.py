@@ -156,6 +156,24 @@ def test_rlhf_config_errors(cfg_factory):
         check_config(cfg_factory("algo=rloo", "reference.precompute=true"))
     with pytest.raises(ConfigError, match="samples_per_prompt must be >= 2 for RLOO"):
         build(cfg_factory("algo=rloo", "algo.samples_per_prompt=1", "eval.num_prompts=0"))
+    with pytest.raises(ConfigError, match="model.lora.dropout=0.05: algo=rloo"):
+        check_config(cfg_factory("algo=rloo", "model.lora.enabled=true"))
+    with pytest.raises(ConfigError, match=r"algo.gamma must be a number in \[0, 1\]"):
+        check_config(cfg_factory("algo=ppo", "algo.gamma=1.5"))
+    with pytest.raises(ConfigError, match="algo.clip_range must be a number >= 0"):
+        check_config(cfg_factory("algo=ppo", "algo.clip_range=-0.1"))
+    with pytest.raises(ConfigError, match="algo.num_minibatches=80: a rollout batch has 64"):
+        check_config(cfg_factory("algo=ppo", "algo.num_minibatches=80"))
+    with pytest.raises(ConfigError, match="dataset.padding_free: a reward model"):
+        check_config(cfg_factory("algo=reward_model", "dataset.padding_free=true"))
+    with pytest.raises(ConfigError, match="no reward model there"):
+        build(
+            cfg_factory(
+                "algo=rloo",
+                "+algo.judge._target_=dpo_lab.online.RewardModelJudge",
+                "+algo.judge.name_or_path=runs/../nowhere/final",
+            )
+        )
     with pytest.raises(ConfigError, match="sharded path"):
         check_config(cfg_factory("algo=ppo", "trainer=fsdp"))
     # the RL objective composes with β from the top-level key and the algo's default
@@ -166,10 +184,49 @@ def test_rlhf_config_errors(cfg_factory):
 # ---------------------------------------------------------------------------- real runs
 
 
+def test_reward_scores_pool_at_the_last_position_even_when_pad_is_the_end_token():
+    """Where the pad token is the end token (SmolLM2, or EOS set as pad), transformers' pooling
+    (the last token that is not pad) skips a completion's end token; ``reward_scores`` reads the
+    head at the last attended position, right or left padded."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=2,
+    )
+    model = LlamaForSequenceClassification(config).eval()
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 9, 2, 2, 2]])  # both end with the end token 2
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        scores = rlhf.reward_scores(model, {"input_ids": ids, "attention_mask": mask})
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        by_hand = model.score(torch.stack([hidden[0, 4], hidden[1, 2]]))[:, 0]
+        hf = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+    assert torch.allclose(scores, by_hand, atol=1e-5)
+    assert not torch.allclose(scores, hf, atol=1e-3)  # transformers pooled at 7 and 9 instead
+    left_ids = torch.tensor([[1, 5, 6, 7, 2], [2, 2, 1, 9, 2]])
+    left_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        left = rlhf.reward_scores(model, {"input_ids": left_ids, "attention_mask": left_mask})
+    assert torch.allclose(left, scores, atol=1e-4)  # the same sequences, padded on the left
+
+
 @pytest.fixture(scope="module")
-def reward_model(tmp_path_factory) -> Path:
-    """A reward model of the shrunk task (its policy's vocabulary), 20 steps of 4 pairs."""
+def reward_model(tmp_path_factory):
+    """A reward model of the shrunk task (its policy's vocabulary), 20 steps of 4 pairs: its
+    run dir, and the run (module and data module)."""
+    import time
+
     from conftest import make_cfg
+
+    from dpo_lab.train import finish
 
     out = tmp_path_factory.mktemp("rm") / "run"
     cfg = make_cfg(
@@ -180,64 +237,70 @@ def reward_model(tmp_path_factory) -> Path:
         "model.lr=3e-3",
         "trainer.log_every_n_steps=5",
     )
-    summary = train(cfg)
+    run = build(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    summary = finish(run, time.time())
     assert summary["steps"] == 20 and "val/rm/true_accuracies" in summary  # validated at the end
     with open(out / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/rm/loss")]
     assert rows and all(math.isfinite(float(r["train/rm/margins"])) for r in rows)
-    return out
+    return out, run
 
 
 @pytest.mark.slow
 def test_reward_model_trained_20_steps_beats_chance_on_held_out_true_labels(tmp_path):
-    """On the embedded task itself (the shipped default: 256 held-out pairs, ~222 of them untied
-    under the true reward), 20 steps of 64 pairs. Measured 0.752 on this project's machine (seed
-    0); the bound 0.6 is what chance passes with p ≈ 0.001, so a head that learned nothing, or
-    a sign flip anywhere between the pooling and the loss, fails. (Seeds 1 and 2 gave 0.559 and
-    0.743: a fresh head on this 64-wide base is slow and seed-dependent at 20 steps; 8 epochs
-    reach 0.82, see README's rlhf studies.)"""
+    """On the embedded task itself (the shipped default: 256 held-out pairs, 222 of them untied
+    under the true reward), 20 steps of 64 pairs, three seeds. Measured on this project's
+    machine: 0.752, 0.559 and 0.743 (mean 0.685; a fresh head on this 64-wide base is slow and
+    seed-dependent at 20 steps, 8 epochs reach 0.82, see README's RLHF studies). Chance gives a
+    mean of three above 0.6 with p < 1e-6 and one seed above 0.5 half the time; a head that
+    learned nothing, or a sign flip between the pooling and the loss, fails."""
     from conftest import make_cfg
 
-    cfg = make_cfg(
-        tmp_path / "run",
-        "algo=reward_model",
-        "trainer.max_steps=20",
-        "dataset.batch_size=64",
-        "model.lr=3e-3",
-        "optim.scheduler.warmup_steps=2",
-        "trainer.enable_progress_bar=false",
-        small=False,
-    )
-    summary = train(cfg)
-    assert summary["steps"] == 20
-    assert summary["val/rm/true_accuracies"] > 0.6
-    assert summary["probe/true_accuracies"] > 0.6  # the probe's 128 pairs, as DPO's are scored
+    accs = []
+    for seed in (0, 1, 2):
+        cfg = make_cfg(
+            tmp_path / f"run{seed}",
+            "algo=reward_model",
+            "trainer.max_steps=20",
+            "dataset.batch_size=64",
+            "model.lr=3e-3",
+            "optim.scheduler.warmup_steps=2",
+            "trainer.enable_progress_bar=false",
+            f"seed={seed}",
+            small=False,
+        )
+        summary = train(cfg)
+        assert summary["steps"] == 20
+        accs.append(summary["val/rm/true_accuracies"])
+    assert sum(accs) / 3 > 0.6, accs
+    assert min(accs) > 0.5, accs
 
 
 def test_the_saved_reward_model_judges_as_it_was_trained(reward_model):
-    """final/ loads with transformers as a sequence classifier, and RewardModelJudge scores the
-    token ids of a pair exactly as the training step did."""
+    """final/ loads with transformers as a sequence classifier, and RewardModelJudge (the RL
+    judge, scoring token ids) scores held-out sequences as the training module scored them in
+    its (2B, T) chosen-then-rejected block, whatever the padding around them."""
     from transformers import AutoModelForSequenceClassification
 
-    from dpo_lab.data.collate import encode_example, pad_sequences
     from dpo_lab.online import RewardModelJudge
 
-    model = AutoModelForSequenceClassification.from_pretrained(reward_model / "final").eval()
+    out, run = reward_model
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
     assert model.config.num_labels == 1
-    judge = RewardModelJudge(str(reward_model / "final"))
-    tok = judge.tokenizer
-    pairs = [
-        encode_example(tok, "The film was", "wonderful and moving ."),
-        encode_example(tok, "The film was", "dull ."),
-        encode_example(tok, "I thought it", ""),  # an empty response: its end token alone
-    ]
-    by_judge = judge.score_ids([p for p, _ in pairs], [c for _, c in pairs])
+    items = run.datamodule.val_items[:6]
+    batch = run.datamodule.collate(items)
+    run.module.model.eval()
     with torch.no_grad():
-        direct = rlhf.reward_scores(model, pad_sequences(pairs, tok.pad_token_id))
-    assert by_judge == pytest.approx(direct.tolist(), abs=1e-5)
-    # each sequence alone scores the same as in a padded batch
-    alone = [judge.score_ids([p], [c])[0] for p, c in pairs]
-    assert alone == pytest.approx(by_judge, abs=1e-5)
+        trained = rlhf.reward_scores(run.module.model, batch)  # 6 chosen, then 6 rejected
+    judge = RewardModelJudge(str(out / "final"))
+    prompts = [it["prompt_ids"] for it in items] * 2
+    completions = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
+    by_judge = judge.score_ids(prompts, completions)
+    assert by_judge == pytest.approx(trained.tolist(), abs=1e-5)
+    alone = [judge.score_ids([p], [c])[0] for p, c in zip(prompts, completions, strict=True)]
+    assert alone == pytest.approx(by_judge, abs=1e-5)  # unpadded, one at a time
+    assert len({round(x, 4) for x in by_judge}) > 6  # the scores tell sequences apart
 
 
 def _rl_rows(run_dir: Path) -> list[dict[str, float]]:
@@ -264,6 +327,9 @@ def test_a_short_rloo_run_with_the_true_reward_raises_the_true_reward(cfg_factor
     summary = train(cfg)
     rows = _rl_rows(Path(cfg.output_dir))
     assert len(rows) == summary["steps"] == 24  # 96 prompts / 16 a batch × 4 epochs
+    # measured on this project's machine: the first 4 rollouts' mean −0.012, the last 4's 0.190;
+    # the held-out evaluation 0.252 against the reference's −0.012 (the true reward's sd over
+    # samples is about 0.5, so a 0.1 rise over 4 × 64 samples is > 3 standard errors)
     first = sum(r["rl/true_reward"] for r in rows[:4]) / 4
     last = sum(r["rl/true_reward"] for r in rows[-4:]) / 4
     assert last > first + 0.1, (first, last)
@@ -276,6 +342,7 @@ def test_a_short_rloo_run_with_the_true_reward_raises_the_true_reward(cfg_factor
 
 @pytest.mark.slow
 def test_ppo_metrics_are_finite_against_the_learned_reward_model(cfg_factory, reward_model):
+    rm_dir, _ = reward_model
     cfg = cfg_factory(
         "algo=ppo",
         "trainer.max_steps=12",  # optimizer steps: 3 rollouts × 2 epochs × 2 minibatches
@@ -285,7 +352,7 @@ def test_ppo_metrics_are_finite_against_the_learned_reward_model(cfg_factory, re
         "trainer.log_every_n_steps=1",
         "eval.num_prompts=0",
         "+algo.judge._target_=dpo_lab.online.RewardModelJudge",
-        f"+algo.judge.name_or_path={reward_model / 'final'}",
+        f"+algo.judge.name_or_path={rm_dir / 'final'}",
     )
     run = build(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
@@ -318,9 +385,9 @@ def test_ppo_metrics_are_finite_against_the_learned_reward_model(cfg_factory, re
 
 @pytest.mark.slow
 def test_rloo_under_lora_and_two_ddp_processes(tmp_path):
-    """LoRA adapters trained by RLOO on two gloo processes: each samples its own prompts, the
-    KL is against the base with adapters off (0 at the first rollout), both ranks log, and the
-    final adapter comes from rank 0."""
+    """LoRA adapters trained by RLOO on two gloo processes: the run completes its steps (a
+    process that stalled in a collective would hang it), the KL is against the base with adapters
+    off (0 at the first rollout, then moving), and rank 0 writes the final adapter."""
     out = tmp_path / "run"
     run_cli(
         *DDP_CPU,
@@ -363,7 +430,7 @@ def test_ppo_first_update_reproduces_the_rollout_and_the_schedule_counts_updates
     assert row["ppo/clipfrac"] == 0.0
     assert row["ppo/approx_kl"] == pytest.approx(0.0, abs=1e-6)
 
-    cfg = cfg_factory(
+    cfg_overrides = [
         "algo=ppo",
         "algo.epochs=3",
         "algo.num_minibatches=2",
@@ -374,12 +441,17 @@ def test_ppo_first_update_reproduces_the_rollout_and_the_schedule_counts_updates
         "optim.scheduler.warmup_steps=0",
         "eval.num_prompts=0",
         "trainer.log_every_n_steps=1",
-    )
+    ]
+    cfg = cfg_factory(*cfg_overrides)
     run = build(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.global_step == 12
     scheduler = run.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    # max_steps inside a batch: the updates stop there (Lightning checks it between batches)
+    run = build(cfg_factory(*cfg_overrides, "trainer.max_steps=9"))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 9
 
 
 @pytest.mark.slow
