@@ -1228,9 +1228,11 @@ def rl_curves(run: Run, keys: tuple[str, ...] = ("rl/kl", "rl/score", "rl/true_r
 
 
 def crossing(a: list[Run], b: list[Run], metric: str = "eval/reward/policy", n: int = 60) -> str:
-    """Where frontier ``a`` (mean over its seeds) crosses ``b`` inside the KL range both cover:
-    the KLs where a − b changes sign (linear in log KL between grid points), or its sign
-    throughout, with the range of the difference."""
+    """Where frontier ``a`` crosses ``b`` inside the KL range both cover: on a log-KL grid, the
+    paired difference a − b on each seed both have there (each seed's own frontiers, as in
+    ``_paired_cell``), averaged; the KLs where that mean changes sign (linear in log KL between
+    grid points), or its sign throughout, with the smallest and largest mean difference and, at
+    each, how many of its seeds' differences share its sign."""
     ra, rb = kl_range(a, metric), kl_range(b, metric)
     if not ra or not rb or max(ra[0], rb[0]) >= min(ra[1], rb[1]):
         return "no shared KL range"
@@ -1239,20 +1241,28 @@ def crossing(a: list[Run], b: list[Run], metric: str = "eval/reward/policy", n: 
     for i in range(n):
         kl = lo * (hi / lo) ** (i / (n - 1))
         va, vb = matched(a, metric, kl), matched(b, metric, kl)
-        if va and vb:
-            pts.append((kl, statistics.fmean(va.values()) - statistics.fmean(vb.values())))
+        diffs = [va[s] - vb[s] for s in va.keys() & vb.keys()]
+        if diffs:
+            pts.append((kl, statistics.fmean(diffs), diffs))
     if not pts:
-        return "no shared KL range"
+        return "no seed with both frontiers in the shared KL range"
     cross = []
-    for (k0, d0), (k1, d1) in zip(pts, pts[1:], strict=False):
+    for (k0, d0, _), (k1, d1, _) in zip(pts, pts[1:], strict=False):
         if d0 == 0 or d0 * d1 < 0:
             w = d0 / (d0 - d1) if d0 != d1 else 0.0
             cross.append(math.exp(math.log(k0) + w * (math.log(k1) - math.log(k0))))
-    diffs = [d for _, d in pts]
-    span = f"KL {pts[0][0]:.2g}–{pts[-1][0]:.2g}, difference {min(diffs):+.3f} to {max(diffs):+.3f}"
+
+    def agree(p: tuple) -> str:
+        return f"{sum((d > 0) == (p[1] > 0) for d in p[2])} of {len(p[2])} seeds"
+
+    low, high = min(pts, key=lambda p: p[1]), max(pts, key=lambda p: p[1])
+    span = (
+        f"KL {pts[0][0]:.2g}–{pts[-1][0]:.2g}; mean paired difference from {low[1]:+.3f} "
+        f"(KL {low[0]:.2g}, {agree(low)}) to {high[1]:+.3f} (KL {high[0]:.2g}, {agree(high)})"
+    )
     if cross:
         return f"crosses at KL ≈ {', '.join(f'{k:.2g}' for k in cross)} ({span})"
-    return f"{'above' if diffs[0] > 0 else 'below'} throughout ({span})"
+    return f"{'above' if pts[0][1] > 0 else 'below'} throughout ({span})"
 
 
 def rlhf_vs_dpo(runs: dict[str, list[Run]], out: Path) -> str:
@@ -1280,7 +1290,7 @@ def rlhf_vs_dpo(runs: dict[str, list[Run]], out: Path) -> str:
             "—",
             fmt([r["probe/true_accuracies"] for r in rm]),
             fmt([r["val/rm/true_accuracies"] for r in rm]),
-            fmt([r["val/rm/accuracies"] for r in rm]),
+            fmt([r["probe/rm/accuracies"] for r in rm]),
             str(len(rm)),
         ]
     ]
@@ -1301,7 +1311,8 @@ def rlhf_vs_dpo(runs: dict[str, list[Run]], out: Path) -> str:
         [
             "True reward at matched KL:",
             _matched_tables(groups, metric, levels, against, first="route"),
-            "Where the frontiers cross (means over seeds, inside the KL range both cover):",
+            "Where each route's frontier crosses DPO's (paired by seed, inside the KL range both "
+            "cover):",
             "\n".join(cross),
             "Is the language model secretly a reward model? Agreement with the true reward's "
             "ranking of the first 128 held-out pairs (ties left out), the learned reward "
@@ -1313,7 +1324,7 @@ def rlhf_vs_dpo(runs: dict[str, list[Run]], out: Path) -> str:
                     "β",
                     "true accuracy (128 probe pairs)",
                     "true accuracy (256 val)",
-                    "label accuracy",
+                    "label accuracy (128 probe pairs)",
                     "runs",
                 ],
                 acc_rows,
@@ -1434,16 +1445,21 @@ def rlhf_noise(runs: dict[str, list[Run]], out: Path) -> str:
             "Per noise level: true accuracy of each scorer on all 256 held-out pairs (ties left "
             "out), and each route's true reward at one KL inside both frontiers (the geometric "
             "middle of their overlap). DPO: β ∈ {0.1, 1}, at 0, 0.2 and 0.4 the label_noise "
-            "study's runs (seeds 0–2), at 0.1 and 0.3 this study's; RLOO: β ∈ {0.01, 0.1}.",
+            "study's runs (seeds 0–2), at 0.1 and 0.3 this study's; RLOO: β ∈ {0.01, 0.1}. Each "
+            "seed's frontier has two points per route, so a matched value is a straight line "
+            "between them (in log KL): a coarse comparison.",
             table(header, rows),
             CAPTION,
         ]
     )
 
 
-def _binned(curves: list[list[dict[str, float]]], bins: int) -> list[dict[str, tuple]]:
-    """Rollout curves of several seeds (same steps) averaged in ``bins`` equal step bins: per
-    bin, each key's per-seed means, then ``ci95`` over seeds."""
+def _binned(curves: list[list[dict[str, float]]], bins: int) -> list[dict[str, list[float]]]:
+    """Rollout curves of several seeds averaged in ``bins`` equal step bins: per bin, each key's
+    per-seed means (bins some seed has no rollout in are left out)."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return []
     last = max(c[-1]["step"] for c in curves)
     out = []
     for b in range(bins):
@@ -1455,10 +1471,7 @@ def _binned(curves: list[list[dict[str, float]]], bins: int) -> list[dict[str, t
         if not all(per_seed):
             continue
         out.append(
-            {
-                k: ci95([statistics.fmean(r[k] for r in rows) for rows in per_seed])
-                for k in per_seed[0][0]
-            }
+            {k: [statistics.fmean(r[k] for r in rows) for rows in per_seed] for k in per_seed[0][0]}
         )
     return out
 
@@ -1468,21 +1481,23 @@ OVEROPT_ARMS = {"rm250": "reward model, 250 pairs", "rm2000": "reward model, 200
 
 def overoptimization(runs: dict[str, list[Run]], out: Path) -> str:
     """RLOO at β = 0.001 against two reward models: the reward model's score and the true reward
-    of each rollout against its KL (Gao et al. 2023's figure), and where the true reward peaks."""
+    of each rollout against its KL (Gao et al. 2023's figure), by quarter of training, with each
+    quarter's change from the one before paired by seed (no peak picked from noisy curves)."""
     rm_runs = runs["overoptimization_rm"]
     rl = runs["overoptimization"] + runs["overoptimization_b"]
     plt, fig, (ax1, ax2) = _figure(2)
-    rows = []
+    rows, end_rows = [], []
     for arm, label in OVEROPT_ARMS.items():
         g = sorted((r for r in rl if r.arm == arm), key=lambda r: r.get("seed"))
-        if not g:
+        curves = [c for c in (rl_curves(r) for r in g) if c]
+        if not curves:
             continue
-        curves = [rl_curves(r) for r in g]
         binned = _binned(curves, 24)
-        x = [math.sqrt(max(b["rl/kl"][0], 0.0)) for b in binned]
+        x = [math.sqrt(max(statistics.fmean(b["rl/kl"]), 0.0)) for b in binned]
         for ax, key in ((ax1, "rl/true_reward"), (ax2, "rl/score")):
-            m = [b[key][0] for b in binned]
-            h = [0 if math.isnan(b[key][1]) else b[key][1] for b in binned]
+            stats = [ci95(b[key]) for b in binned]
+            m = [st[0] for st in stats]
+            h = [0 if math.isnan(st[1]) else st[1] for st in stats]
             (line,) = ax.plot(x, m, marker="o", ms=3, label=label)
             ax.fill_between(
                 x,
@@ -1491,32 +1506,44 @@ def overoptimization(runs: dict[str, list[Run]], out: Path) -> str:
                 alpha=0.2,
                 color=line.get_color(),
             )
-        peaks, peak_kls, finals, drops, score_gain = [], [], [], [], []
-        for c in curves:  # each seed's curve, smoothed over 5 logged rollouts
-            sm = [
-                statistics.fmean(r["rl/true_reward"] for r in c[max(0, i - 2) : i + 3])
-                for i in range(len(c))
-            ]
-            i = max(range(len(sm)), key=sm.__getitem__)
-            peaks.append(sm[i])
-            peak_kls.append(c[i]["rl/kl"])
-            finals.append(sm[-1])
-            drops.append(sm[-1] - sm[i])
-            first = statistics.fmean(r["rl/score"] for r in c[:5])
-            score_gain.append(statistics.fmean(r["rl/score"] for r in c[-5:]) - first)
         n = arm.removeprefix("rm")
         rms = [r for r in rm_runs if str(r.get("dataset.max_samples")) == n]
-        rows.append(
+        quarters = _binned(curves, 4)
+        for q, b in enumerate(quarters):
+            prev = quarters[q - 1] if q else None
+            rows.append(
+                [
+                    label if q == 0 else "",
+                    f"{q + 1}/4",
+                    fmt_kl(b["rl/kl"]),
+                    fmt(b["rl/score"]),
+                    "—"
+                    if prev is None
+                    else fmt(
+                        [u - v for u, v in zip(b["rl/score"], prev["rl/score"], strict=True)],
+                        signed=True,
+                    ),
+                    fmt(b["rl/true_reward"]),
+                    "—"
+                    if prev is None
+                    else fmt(
+                        [
+                            u - v
+                            for u, v in zip(
+                                b["rl/true_reward"], prev["rl/true_reward"], strict=True
+                            )
+                        ],
+                        signed=True,
+                    ),
+                ]
+            )
+        end_rows.append(
             [
                 label,
                 fmt([r["probe/true_accuracies"] for r in rms]),
-                fmt(peaks),
-                fmt_kl(peak_kls),
-                fmt(finals),
-                fmt(drops, signed=True),
-                fmt(score_gain, signed=True),
-                fmt_kl([c[-1]["rl/kl"] for c in curves]),
                 fmt([r["eval/reward/policy"] for r in g]),
+                fmt_kl([r["eval/kl"] for r in g]),
+                fmt([r["eval/length/policy"] for r in g], 1),
                 _capped(g),
                 str(len(g)),
             ]
@@ -1533,26 +1560,18 @@ def overoptimization(runs: dict[str, list[Run]], out: Path) -> str:
             ylabel=ylabel,
             title="RLOO at β = 0.001 (mean ± 95% CI over seeds)",
         )
-    header = [
-        "judge",
-        "RM true acc (256 pairs)",
-        "peak true reward",
-        "KL at peak",
-        "final true reward",
-        "final − peak",
-        "RM score gain",
-        "final KL",
-        "eval true reward",
-        "capped",
-        "seeds",
-    ]
+    header = ["judge", "quarter", "KL", "RM score", "Δ score", "true reward", "Δ true reward"]
+    end_header = ["judge", "RM true acc (256 pairs)", "eval true reward", "eval KL",
+                  "eval length", "capped", "seeds"]  # fmt: skip
     return "\n\n".join(
         [
-            "Per seed, the true reward and the reward model's score of every logged rollout "
-            "(smoothed over 5); peak, final and their difference over seeds. RM score gain: its "
-            "last 5 rollouts' mean score minus its first 5's. Eval: the final policy's held-out "
-            "evaluation.",
+            "Each quarter of training: its rollouts' KL, reward-model score and true reward "
+            "(per seed the quarter's mean, then over seeds), and the change from the quarter "
+            "before, paired by seed.",
             table(header, rows),
+            "At the end: the reward model's own true accuracy, and the final policy's held-out "
+            "evaluation.",
+            table(end_header, end_rows),
             CAPTION,
         ]
     )
@@ -1567,13 +1586,18 @@ def closed_form_rl(runs: dict[str, list[Run]], out: Path) -> str:
     rl = runs["closed_form_rl"] + runs["closed_form_rl_b"]
     for route, group in (("DPO", runs["closed_form"]), ("RLOO", rl)):
         for (beta,), g in sorted(by(group, "beta").items()):
-            curves, last = [], []
+            curves, last, kept = [], [], []
             for r in g:
-                with open(r.path / "closed_form.csv", newline="") as f:
-                    curve = list(csv.DictReader(f))
-                curves.append({int(c["step"]): float(c["kl_to_optimal"]) for c in curve})
-                last.append(curve[-1])
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
+                path = r.path / "closed_form.csv"
+                curve = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
+                if curve:  # a run without the oracle's rows (an old or cut run) is left out
+                    curves.append({int(c["step"]): float(c["kl_to_optimal"]) for c in curve})
+                    last.append(curve[-1])
+                    kept.append(r)
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if not steps:
+                continue
+            g = kept
             m = [statistics.fmean(c[s] for c in curves) for s in steps]
             style = {
                 "ls": "-" if route == "DPO" else "--",
@@ -1593,6 +1617,11 @@ def closed_form_rl(runs: dict[str, list[Run]], out: Path) -> str:
                     fmt([c[steps[0]] for c in curves]),
                     fmt([float(x["kl_to_optimal"]) for x in last]),
                     fmt(mins),
+                    # DPO learns from finite Bradley-Terry draws: its own floor (the tabular
+                    # MLE's KL to π*); RLOO reads the true reward, which has none
+                    fmt([f for r in g if (f := bt_mle_floor(r, beta)) is not None])
+                    if route == "DPO"
+                    else "—",
                     fmt([float(x["kl_to_reference"]) for x in last]),
                     fmt([float(x["reward_corr"]) for x in last]),
                     fmt([r["eval/reward/policy"] for r in g]),
@@ -1607,7 +1636,7 @@ def closed_form_rl(runs: dict[str, list[Run]], out: Path) -> str:
         out,
         xlabel="training step",
         ylabel="KL(π̄_θ ‖ π̄*) on the response sets, nats (log scale)",
-        title="DPO (solid) and RLOO, true reward (dashed): distance to π*",
+        title="KL to π*: DPO (solid), RLOO on the true reward (dashed)",
     )
     header = [
         "route",
@@ -1616,6 +1645,7 @@ def closed_form_rl(runs: dict[str, list[Run]], out: Path) -> str:
         "KL to π* at start",
         "KL to π* at end",
         "lowest KL to π*",
+        "tabular BT-MLE",
         "KL(π̄‖π̄_ref) end",
         "implicit-reward corr",
         "free-sampling true reward",
@@ -1625,8 +1655,11 @@ def closed_form_rl(runs: dict[str, list[Run]], out: Path) -> str:
     return "\n\n".join(
         [
             "Per β, KL(π̄_θ‖π̄*) of the policy renormalized on each prompt's 6 responses, at the "
-            "start, at the end and its lowest over training (means over seeds); the free-"
-            "sampling columns are the end-of-run evaluation on the task's held-out prompts.",
+            "start, at the end and its lowest over training (means over seeds). Tabular BT-MLE: "
+            "the KL to π* of the policy DPO's finite label draws identify (the closed_form "
+            "study's floor); RLOO reads the true reward itself. Steps: DPO 8 epochs of 32 "
+            "pairs a step, RLOO 4 epochs of 32 prompts × 4 samples a step. The free-sampling "
+            "columns are the end-of-run evaluation (free generation, not the response sets).",
             table(header, rows),
             "Cells: mean ± 95% CI over seeds; KL as geometric mean ×/÷ its 95% factor.",
         ]
