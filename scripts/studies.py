@@ -1390,29 +1390,24 @@ def rlhf_noise(runs: dict[str, list[Run]], out: Path) -> str:
             ]
             for name, g in (("DPO", d), ("RLOO, reward model", q)):
                 vals = list(matched(g, metric, kl).values())
-                curves[f"reward {name}"].append((lv, *ci95(vals)[:2]))
+                curves[f"matched {name}"].append((lv, *ci95(vals)[:2]))
         row += [fmt_kl([r["eval/kl"] for r in q if r.get("beta") == b]) for b in (0.01, 0.1)]
         rows.append(row)
-    for name in ("reward model", *(f"DPO β={b:g}" for b in NOISE_DPO_BETAS)):
-        pts = curves[name]
-        ax1.errorbar(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
-            capsize=3,
-            marker="o",
-            label=name,
-        )
-    for name in ("reward DPO", "reward RLOO, reward model"):
-        pts = curves[name]
-        ax2.errorbar(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
-            capsize=3,
-            marker="o",
-            label=name.removeprefix("reward "),
-        )
+    panels = {
+        ax1: ("reward model", *(f"DPO β={b:g}" for b in NOISE_DPO_BETAS)),
+        ax2: ("matched DPO", "matched RLOO, reward model"),
+    }
+    for ax, names in panels.items():
+        for name in names:
+            pts = curves[name]
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+                capsize=3,
+                marker="o",
+                label=name.removeprefix("matched "),
+            )
     finish_figure(
         fig,
         ax1,

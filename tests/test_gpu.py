@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import env_with_tests, run_cli
+from test_rlhf import _rl_rows
 
 pytestmark = [
     pytest.mark.gpu,
@@ -287,15 +288,6 @@ def assert_step0_reward_is_zero(out: Path) -> None:
     first = train_rows(out)[0]
     assert abs(float(first["train/rewards/margins"])) < 1e-3, first["train/rewards/margins"]
     assert abs(float(first["train/rewards/chosen"])) < 1e-3, first["train/rewards/chosen"]
-
-
-def _rl_rows(out: Path) -> list[dict[str, float]]:
-    with open(out / "metrics.csv", newline="") as f:
-        return [
-            {k: float(v) for k, v in r.items() if v not in ("", None)}
-            for r in csv.DictReader(f)
-            if r.get("rl/score")
-        ]
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

@@ -171,16 +171,25 @@ def test_probe_true_accuracy_scores_against_the_true_reward(tmp_path):
     assert summary["probe/true_accuracies"] == pytest.approx(agree / known, abs=1e-6)
 
 
-def _fake_run(root: Path, study: str, n: int, config: dict, overrides: list[str], summary: dict):
+def _fake_run(
+    root: Path,
+    study: str,
+    n: int,
+    config: dict,
+    overrides: list[str],
+    summary: dict,
+    metrics: str | None = None,
+):
     d = root / study / f"{n}_job"
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     (d / "summary.json").write_text(json.dumps(summary))
     (d / "metrics.csv").write_text(
-        "step,probe/logratios/chosen,probe/logratios/rejected\n0,0,0\n10,-1,-2\n20,-2,-4\n"
+        metrics
+        or "step,probe/logratios/chosen,probe/logratios/rejected\n0,0,0\n10,-1,-2\n20,-2,-4\n"
     )
-    if study == "closed_form":
+    if study.startswith("closed_form"):
         (d / "closed_form.csv").write_text(
             "step,kl_to_optimal,kl_to_reference,reward_corr,reward_slope\n"
             "0,0.5,0,nan,0\n10,0.05,0.3,0.9,0.95\n"
@@ -200,6 +209,8 @@ def _fake_sweeps(root: Path) -> None:
     def add(study, loss, beta, seed, kl, reward, arm=None, **cfg):
         nonlocal n
         capped = cfg.pop("capped", 0.0)
+        metrics = cfg.pop("metrics", None)
+        extra = cfg.pop("summary", {})
         config = {"loss": {"name": loss}, "beta": beta, "seed": seed, **cfg}
         overrides = [f"beta={beta}", f"seed={seed}"] + ([f"+arm/{study}={arm}"] if arm else [])
         summary = {
@@ -214,8 +225,9 @@ def _fake_sweeps(root: Path) -> None:
             "probe/frac_chosen_below_ref": 0.8,
             "online/pairs_total": 5000,
             "steps": 189,
+            **extra,
         }
-        _fake_run(root, study, n, config, overrides, summary)
+        _fake_run(root, study, n, config, overrides, summary, metrics)
         n += 1
 
     grid = [(1.0, 1.0), (0.1, 4.0), (0.01, 16.0)]  # β, KL
@@ -255,6 +267,34 @@ def _fake_sweeps(root: Path) -> None:
             add("displacement", loss, 0.1, seed, 4.0, 0.3)
         for beta in (0.5, 1.0):
             add("closed_form", "dpo", beta, seed, 1.0, 0.1)
+            rl_sweep = "closed_form_rl" if beta == 0.5 else "closed_form_rl_b"
+            add(rl_sweep, "kl_regularized", beta, seed, 1.0, 0.3)
+        # RLHF: reward models, then RL over β whose frontier lies 0.1 above DPO's (rloo_rm),
+        # 0.1 below (ppo_rm); by noise level; overoptimization's rollout curves
+        rm = {"probe/true_accuracies": 0.8, "val/rm/true_accuracies": 0.82,
+              "probe/rm/accuracies": 0.7}  # fmt: skip
+        add("rlhf_vs_dpo_rm", "bradley_terry", None, seed, 0.0, 0.0, summary=rm)
+        for beta, kl in grid:
+            r = math.log2(kl) / 10 + seed / 100
+            add("rlhf_vs_dpo", "kl_regularized", beta, seed, kl, r + 0.1, arm="rloo_rm")
+            add("rlhf_vs_dpo_ppo", "kl_regularized", beta, seed, kl, r - 0.1, arm="ppo_rm")
+        for noise in (0.0, 0.1, 0.4):
+            noisy = {"dataset": {"label_noise": noise}}
+            add("rlhf_noise_rm", "bradley_terry", None, seed, 0.0, 0.0, summary=rm, **noisy)
+            for beta, kl in grid:
+                r = math.log2(kl) / 10 - noise
+                if noise == 0.1:
+                    add("rlhf_noise_dpo", "dpo", beta, seed, kl, r, **noisy)
+                sweep = "rlhf_noise" if noise < 0.3 else "rlhf_noise_b"
+                add(sweep, "kl_regularized", beta, seed, kl, r + 0.1, **noisy)
+        for arm, n_pairs in (("rm250", 250), ("rm2000", 2000)):
+            add("overoptimization_rm", "bradley_terry", None, seed, 0.0, 0.0, summary=rm,
+                dataset={"max_samples": n_pairs})  # fmt: skip
+            # KL grows with the step; the score rises throughout, the true reward peaks midway
+            rows = [f"{t},{t / 10},{t / 100},{min(t, 80 - t) / 100}" for t in range(0, 81, 2)]
+            curve = "step,rl/kl,rl/score,rl/true_reward\n" + "\n".join(rows) + "\n"
+            sweep = "overoptimization" if arm == "rm250" else "overoptimization_b"
+            add(sweep, "kl_regularized", 0.001, seed, 8.0, 0.2, arm=arm, metrics=curve)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -268,6 +308,10 @@ def _fake_sweeps(root: Path) -> None:
         "closed_form",
         "online_vs_offline",
         "loss_zoo",
+        "rlhf_vs_dpo",
+        "rlhf_noise",
+        "overoptimization",
+        "closed_form_rl",
     ],
 )
 def test_study_tables_and_figures_build_from_run_dirs(tmp_path, study, capsys):
@@ -311,6 +355,27 @@ def test_study_tables_and_figures_build_from_run_dirs(tmp_path, study, capsys):
         # KL range, nothing left out
         tail = "| 0.80 ± 0.00 @ 1.2 | 11.4 ± 0.0 @ 1.2 | 1–16 | 0.000 | 0 | 2 |"
         assert board[2].endswith(tail)
+    if study == "rlhf_vs_dpo":
+        # paired by seed the RL frontiers sit exactly ±0.1 from DPO's, at every KL both reach
+        diffs = {x.split(" | ")[0]: x for x in rows if " − DPO |" in x}
+        assert diffs["| RLOO, reward model − DPO"].count("+0.100 ± 0.000") == 4
+        assert diffs["| PPO, reward model − DPO"].count("-0.100 ± 0.000") == 4
+        assert "RLOO, reward model against DPO: above throughout" in stdout
+        assert "PPO, reward model against DPO: below throughout" in stdout
+        assert "2 of 2 seeds" in stdout
+    if study == "rlhf_noise":
+        # at 0.1 (this study's DPO) and 0 and 0.4 (label_noise's): RLOO − DPO = +0.1, paired
+        level = next(x for x in rows if x.startswith("| 0.1 |"))
+        assert "+0.100 ± 0.000" in level
+    if study == "overoptimization":
+        # quarters of 0–80 steps: the true reward min(t, 80 − t)/100 rises, then falls; the
+        # score t/100 rises throughout
+        quarters = [x for x in rows if " | 1/4 | " in x or " | 4/4 | " in x]
+        assert len(quarters) == 4
+        last = next(x for x in rows if x.startswith("| reward model, 250 pairs") is False
+                    and " | 4/4 | " in x)  # fmt: skip
+        cells = last.split(" | ")
+        assert cells[4].startswith("+") and cells[6].startswith("-")  # Δ score > 0, Δ true < 0
 
 
 def test_ci95_by_hand():
