@@ -1476,66 +1476,63 @@ OVEROPT_ARMS = {"rm250": "reward model, 250 pairs", "rm2000": "reward model, 200
 
 def overoptimization(runs: dict[str, list[Run]], out: Path) -> str:
     """RLOO at β = 0.001 against two reward models: the reward model's score and the true reward
-    of each rollout against its KL (Gao et al. 2023's figure), by quarter of training, with each
-    quarter's change from the one before paired by seed (no peak picked from noisy curves)."""
+    of each rollout against its KL (Gao et al. 2023's figure), seed by seed (their paths differ
+    too much for a mean to describe), and by quarter of training, with each quarter's change
+    from the one before paired by seed (no peak picked from noisy curves)."""
     rm_runs = runs["overoptimization_rm"]
     rl = runs["overoptimization"] + runs["overoptimization_b"]
     plt, fig, (ax1, ax2) = _figure(2)
-    rows, end_rows = [], []
-    for arm, label in OVEROPT_ARMS.items():
+    rows, seed_rows, end_rows = [], [], []
+    for i, (arm, label) in enumerate(OVEROPT_ARMS.items()):
         g = sorted((r for r in rl if r.arm == arm), key=lambda r: r.get("seed"))
-        curves = [c for c in (rl_curves(r) for r in g) if c]
-        if not curves:
+        g = [r for r in g if rl_curves(r)]
+        if not g:
             continue
-        binned = _binned(curves, 24)
-        x = [math.sqrt(max(statistics.fmean(b["rl/kl"]), 0.0)) for b in binned]
-        for ax, key in ((ax1, "rl/true_reward"), (ax2, "rl/score")):
-            stats = [ci95(b[key]) for b in binned]
-            m = [st[0] for st in stats]
-            h = [0 if math.isnan(st[1]) else st[1] for st in stats]
-            (line,) = ax.plot(x, m, marker="o", ms=3, label=label)
-            ax.fill_between(
-                x,
-                [a - c for a, c in zip(m, h, strict=True)],
-                [a + c for a, c in zip(m, h, strict=True)],
-                alpha=0.2,
-                color=line.get_color(),
-            )
         n = arm.removeprefix("rm")
-        rms = [r for r in rm_runs if str(r.get("dataset.max_samples")) == n]
-        quarters = _binned(curves, 4)
+        rms = {r.get("seed"): r for r in rm_runs if str(r.get("dataset.max_samples")) == n}
+        color = plt.get_cmap("tab10")(i)
+        for j, r in enumerate(g):
+            binned = _binned([rl_curves(r)], 24)
+            x = [math.sqrt(max(b["rl/kl"][0], 0.0)) for b in binned]
+            for ax, key in ((ax1, "rl/true_reward"), (ax2, "rl/score")):
+                ax.plot(x, [b[key][0] for b in binned], color=color, ls=("-", "--", ":")[j % 3],
+                        marker="o", ms=2, label=f"{label}, seed {r.get('seed')}")  # fmt: skip
+            quarters = _binned([rl_curves(r)], 4)
+            rm = rms.get(r.get("seed"))
+            seed_rows.append(
+                [
+                    label if j == 0 else "",
+                    str(r.get("seed")),
+                    "—" if rm is None else f"{rm['probe/true_accuracies']:.3f}",
+                    " → ".join(f"{q['rl/kl'][0]:.3g}" for q in quarters),
+                    " → ".join(f"{q['rl/score'][0]:.2f}" for q in quarters),
+                    " → ".join(f"{q['rl/true_reward'][0]:.2f}" for q in quarters),
+                ]
+            )
+        quarters = _binned([rl_curves(r) for r in g], 4)
         for q, b in enumerate(quarters):
             prev = quarters[q - 1] if q else None
+
+            def delta(key: str, b=b, prev=prev) -> str:
+                if prev is None:
+                    return "—"
+                return fmt([u - v for u, v in zip(b[key], prev[key], strict=True)], signed=True)
+
             rows.append(
                 [
                     label if q == 0 else "",
                     f"{q + 1}/4",
                     fmt_kl(b["rl/kl"]),
                     fmt(b["rl/score"]),
-                    "—"
-                    if prev is None
-                    else fmt(
-                        [u - v for u, v in zip(b["rl/score"], prev["rl/score"], strict=True)],
-                        signed=True,
-                    ),
+                    delta("rl/score"),
                     fmt(b["rl/true_reward"]),
-                    "—"
-                    if prev is None
-                    else fmt(
-                        [
-                            u - v
-                            for u, v in zip(
-                                b["rl/true_reward"], prev["rl/true_reward"], strict=True
-                            )
-                        ],
-                        signed=True,
-                    ),
+                    delta("rl/true_reward"),
                 ]
             )
         end_rows.append(
             [
                 label,
-                fmt([r["probe/true_accuracies"] for r in rms]),
+                fmt([r["probe/true_accuracies"] for r in rms.values()]),
                 fmt([r["eval/reward/policy"] for r in g]),
                 fmt_kl([r["eval/kl"] for r in g]),
                 fmt([r["eval/length/policy"] for r in g], 1),
@@ -1553,19 +1550,22 @@ def overoptimization(runs: dict[str, list[Run]], out: Path) -> str:
             fname,
             xlabel="√KL(π‖π_ref) of the rollout, √nats",
             ylabel=ylabel,
-            title="RLOO at β = 0.001 (mean ± 95% CI over seeds)",
+            title="RLOO at β = 0.001, each seed (24 bins of steps)",
+            legend_size=6,
         )
+    seed_header = ["judge", "seed", "its RM's true acc", "KL by quarter", "RM score by quarter",
+                   "true reward by quarter"]  # fmt: skip
     header = ["judge", "quarter", "KL", "RM score", "Δ score", "true reward", "Δ true reward"]
     end_header = ["judge", "RM true acc (256 pairs)", "eval true reward", "eval KL",
                   "eval length", "capped", "seeds"]  # fmt: skip
     return "\n\n".join(
         [
-            "Each quarter of training: its rollouts' KL, reward-model score and true reward "
-            "(per seed the quarter's mean, then over seeds), and the change from the quarter "
-            "before, paired by seed.",
+            "Each seed: its reward model's true accuracy on the 256 held-out pairs, and its "
+            "rollouts' KL, reward-model score and true reward, each quarter of training's mean.",
+            table(seed_header, seed_rows),
+            "Over seeds, each quarter, with its change from the quarter before paired by seed:",
             table(header, rows),
-            "At the end: the reward model's own true accuracy, and the final policy's held-out "
-            "evaluation.",
+            "At the end: the final policies' held-out evaluation.",
             table(end_header, end_rows),
             CAPTION,
         ]
