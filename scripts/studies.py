@@ -1362,9 +1362,12 @@ def rlhf_noise(runs: dict[str, list[Run]], out: Path) -> str:
     levels = sorted({noise(r) for r in rm})
     plt, fig, (ax1, ax2) = _figure(2)
     rows, curves = [], defaultdict(list)
+    detail: dict[str, list[Run]] = {}
     for lv in levels:
         d = [r for r in dpo if noise(r) == lv]
         q = [r for r in rloo if noise(r) == lv]
+        detail[f"noise {lv:g}, DPO"] = d
+        detail[f"noise {lv:g}, RLOO (RM)"] = q
         m = [r for r in rm if noise(r) == lv]
         ranges = [kl_range(g, metric) for g in (d, q)]
         kl = None
@@ -1445,6 +1448,9 @@ def rlhf_noise(runs: dict[str, list[Run]], out: Path) -> str:
             "between them (in log KL): a coarse comparison.",
             table(header, rows),
             CAPTION,
+            "<details><summary>Every noise level, route and β</summary>",
+            table(PER_BETA, _per_beta_rows(detail)),
+            "</details>",
         ]
     )
 
