@@ -1391,14 +1391,15 @@ def rlhf_noise(runs: dict[str, list[Run]], out: Path) -> str:
                 _cell(q, metric, kl),
                 _paired_cell(q, d, metric, kl),
             ]
-            for name, g in (("DPO", d), ("RLOO, reward model", q)):
-                vals = list(matched(g, metric, kl).values())
-                curves[f"matched {name}"].append((lv, *ci95(vals)[:2]))
         row += [fmt_kl([r["eval/kl"] for r in q if r.get("beta") == b]) for b in (0.01, 0.1)]
+        for name, g in (("DPO", d), ("RLOO, reward model", q)):  # each β's own line
+            for (beta,), gb in by(g, "beta").items():
+                m, h, _ = ci95([r[metric] for r in gb])
+                curves[f"route {name}, β={beta:g}"].append((lv, m, h))
         rows.append(row)
     panels = {
         ax1: ("reward model", *(f"DPO β={b:g}" for b in NOISE_DPO_BETAS)),
-        ax2: ("matched DPO", "matched RLOO, reward model"),
+        ax2: sorted(k for k in curves if k.startswith("route ")),
     }
     for ax, names in panels.items():
         for name in names:
@@ -1409,7 +1410,7 @@ def rlhf_noise(runs: dict[str, list[Run]], out: Path) -> str:
                 yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
                 capsize=3,
                 marker="o",
-                label=name.removeprefix("matched "),
+                label=name.removeprefix("route "),
             )
     finish_figure(
         fig,
@@ -1424,8 +1425,8 @@ def rlhf_noise(runs: dict[str, list[Run]], out: Path) -> str:
         ax2,
         out,
         xlabel="share of training labels flipped",
-        ylabel="true reward at the level's matched KL",
-        title="True reward at matched KL (per level)",
+        ylabel="true reward of policy samples",
+        title="True reward by route and β (KL in the table)",
     )
     header = [
         "noise",
