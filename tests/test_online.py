@@ -147,7 +147,7 @@ def test_reward_model_judge_from_a_local_random_init_model(tmp_path):
     scores = judge(["moonrise was"] * 3, ["great .", "awful .", "a truly great film ."])
     assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
     assert scores == judge(["moonrise was"] * 3, ["great .", "awful .", "a truly great film ."])
-    with pytest.raises(ConfigError, match="could not load a reward model"):
+    with pytest.raises(ConfigError, match="no reward model there.*algo=reward_model"):
         RewardModelJudge(str(tmp_path / "missing"))
 
 
