@@ -196,19 +196,10 @@ class PreferenceModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("dpo_lab", {})
-        self._resume_rng = extra.get("rng")  # set at the first batch: see on_train_batch_start
+        if "rng" in extra:  # exact: the data loaders draw from their own generators
+            set_rng_state(extra["rng"])
         if self.online is not None and "online" in extra:
             self.online.load_state_dict(extra["online"])
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """A resumed run's RNG state, set just before its first step rather than at load: the
-        data loader's iterator, made in between, draws from the global generator (its base
-        seed), which the uninterrupted run drew at its epoch's start; online samples and LoRA's
-        dropout then differ from the uninterrupted run's."""
-        state = getattr(self, "_resume_rng", None)
-        if state is not None:
-            set_rng_state(state)
-            self._resume_rng = None
 
 
 def clip_gradients(

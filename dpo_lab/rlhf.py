@@ -7,9 +7,9 @@ Both maximize the same objective, ``E_{y~π}[r(x, y)] − β·KL(π‖π_ref)``;
   (``AutoModelForSequenceClassification``, ``num_labels=1``) trained with the Bradley-Terry loss
   ``−log σ(r(x, y_c) − r(x, y_r))`` (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1) on the same
   pairs, config groups and label noise as DPO. The score of a sequence is the head's output at
-  its last non-padding token (transformers' pooling), over exactly the tokens the policy scores:
-  the prompt's ids and the completion's, end token included. ``final/`` is a transformers model
-  that ``dpo_lab.online.RewardModelJudge`` loads.
+  its last attended position, in fp32 (``reward_scores``), over exactly the tokens the policy
+  scores: the prompt's ids and the completion's, end token included. ``final/`` is a
+  transformers model that ``dpo_lab.online.RewardModelJudge`` loads.
 - ``algo=rloo`` and ``algo=ppo`` (``RLModule``): each training batch's prompts are answered by the
   current policy (``dpo_lab.sampling.generate``, stopping at every end token), the judge scores
   each answer, and the reward is that score minus a per-token KL penalty:
@@ -263,6 +263,7 @@ class RewardModelModule(L.LightningModule):
         self._optimizer, self._scheduler = optimizer, scheduler
         self.true_margins = true_margins or {}
         self.sums = {"train": _Sums(RM_METRICS), "val": _Sums(RM_METRICS)}
+        self.validated_at: int | None = None  # the step of the last validation
 
     def on_fit_start(self) -> None:
         self.train()
@@ -307,6 +308,7 @@ class RewardModelModule(L.LightningModule):
         means = self.sums["val"].compute(self)
         self.sums["val"].reset()
         self.log_dict({f"val/rm/{k}": v for k, v in means.items()})
+        self.validated_at = self.trainer.global_step  # finish validates again if training went on
 
     @torch.no_grad()
     def probe_metrics(self, batches: Sequence[dict[str, Any]], true: Tensor | None) -> dict:
@@ -385,9 +387,15 @@ def load_reward_model(path: str, model_cfg: dict[str, Any]) -> tuple[Any, nn.Mod
         raise ConfigError(
             f"model.dtype={model_cfg['dtype']!r}: expected one of {', '.join(DTYPES)}"
         )
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, trust_remote_code=model_cfg["trust_remote_code"]
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=model_cfg["trust_remote_code"]
+        )
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model.name_or_path={path!r}: could not load its tokenizer ({first})"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     level = hf_logging.get_verbosity()
@@ -531,6 +539,8 @@ class RLModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.train()
+        if self.value_head is not None:  # fp32 even where *-true precision cast the module
+            self.value_head.float()  # (in place: the optimizer keeps the same parameters)
         self.reference.to(self.device)
         model = getattr(self.judge, "model", None)
         if isinstance(model, nn.Module):  # a reward model judges where the policy samples
@@ -718,14 +728,6 @@ class RLModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("dpo_lab", {})
-        self._resume_rng = extra.get("rng")  # set at the first batch: see on_train_batch_start
+        if "rng" in extra:  # exact: the data loaders draw from their own generators
+            set_rng_state(extra["rng"])
         self.samples_total = int(extra.get("samples_total", 0))
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """A resumed run's RNG state, set just before its first rollout rather than at load:
-        the data loader's iterator, made in between, draws from the global generator (its base
-        seed), which the uninterrupted run drew at its epoch's start."""
-        state = getattr(self, "_resume_rng", None)
-        if state is not None:
-            set_rng_state(state)
-            self._resume_rng = None

@@ -66,6 +66,8 @@ def generate(
     ``dpo_lab.sharding``). ``prompt_ids``: the prompts already tokenized (RL passes the data
     module's, cut to ``dataset.max_prompt_length``); ``prompts`` are then their texts.
     """
+    if prompt_ids is not None and len(prompt_ids) != len(prompts):
+        raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

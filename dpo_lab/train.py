@@ -492,6 +492,14 @@ def build_rlhf(cfg: DictConfig, out: Path) -> Run:
     logps = OmegaConf.to_container(cfg.logps)
     if algo == "ppo":  # a batch takes several optimizer steps: checkpoint where a batch ends
         _checkpoint_at_batch_ends(trainer, cfg.algo.epochs * cfg.algo.num_minibatches)
+        last = len(datamodule.train_items) % (cfg.dataset.batch_size * trainer.world_size)
+        if 0 < last * cfg.algo.samples_per_prompt < cfg.algo.num_minibatches * trainer.world_size:
+            raise ConfigError(
+                f"algo.num_minibatches={cfg.algo.num_minibatches}: an epoch's last batch has "
+                f"{last} prompts ({len(datamodule.train_items)} training rows, "
+                f"dataset.batch_size={cfg.dataset.batch_size}), too few samples for every "
+                "minibatch; set dataset.max_samples or dataset.batch_size so that it fits"
+            )
     module = rlhf.RLModule(
         policy,
         LiveReference(reference_model, logps),
@@ -810,9 +818,9 @@ def finish(run: Run, t0: float) -> dict[str, Any]:
     """After fit: evaluate, save ``final/`` and ``summary.json``, close the loggers."""
     cfg, module, trainer, out = run.cfg, run.module, run.trainer, run.out
     policy = getattr(module, "policy", None)  # a reward model's run has none
-    if isinstance(module, rlhf.RewardModelModule) and "val/rm/loss" not in trainer.callback_metrics:
-        # stopped (max_steps) before any validation: score the held-out pairs now, on every
-        # process (the reduction is collective)
+    if isinstance(module, rlhf.RewardModelModule) and module.validated_at != trainer.global_step:
+        # stopped (max_steps) after the last validation, or before any: score the held-out
+        # pairs with the final model, on every process (the reduction is collective)
         trainer.validate(module, datamodule=run.datamodule, verbose=False)
     if shards_parameters(trainer):  # every process helps gather the whole policy onto rank 0
         state = full_policy_state(trainer, module)

@@ -800,7 +800,7 @@ def bt_mle_floor(run: Run, beta: float) -> float | None:
     import torch
 
     source = run.get("dataset.source")
-    if not source:
+    if not source or not (run.path / "closed_form_final.csv").exists():
         return None
     data = _closed_form_task(json.dumps(source, sort_keys=True))
     o = data.oracle
@@ -1218,7 +1218,10 @@ RLHF_ARMS = {
 
 
 def rl_curves(run: Run, keys: tuple[str, ...] = ("rl/kl", "rl/score", "rl/true_reward")):
-    """Per logged rollout of an RL run (metrics.csv): step and ``keys``."""
+    """Per logged rollout of an RL run (metrics.csv): step and ``keys``; [] without the file
+    (a run logged elsewhere, e.g. W&B only)."""
+    if not (run.path / "metrics.csv").exists():
+        return []
     with open(run.path / "metrics.csv", newline="") as f:
         return [
             {"step": float(r["step"]), **{k: float(r[k]) for k in keys}}
@@ -1229,23 +1232,28 @@ def rl_curves(run: Run, keys: tuple[str, ...] = ("rl/kl", "rl/score", "rl/true_r
 
 def crossing(a: list[Run], b: list[Run], metric: str = "eval/reward/policy", n: int = 60) -> str:
     """Where frontier ``a`` crosses ``b`` inside the KL range both cover: on a log-KL grid, the
-    paired difference a − b on each seed both have there (each seed's own frontiers, as in
-    ``_paired_cell``), averaged; the KLs where that mean changes sign (linear in log KL between
-    grid points), or its sign throughout, with the smallest and largest mean difference and, at
-    each, how many of its seeds' differences share its sign."""
+    paired difference a − b (each seed's own frontiers, as in ``_paired_cell``) averaged over
+    one set of seeds (see below); the KLs where that mean changes sign (linear
+    in log KL between grid points), or its sign throughout, with the smallest and largest mean
+    difference and, at each, how many of those seeds' differences share its sign."""
     ra, rb = kl_range(a, metric), kl_range(b, metric)
     if not ra or not rb or max(ra[0], rb[0]) >= min(ra[1], rb[1]):
         return "no shared KL range"
     lo, hi = max(ra[0], rb[0]), min(ra[1], rb[1])
-    pts = []
-    for i in range(n):
-        kl = lo * (hi / lo) ** (i / (n - 1))
-        va, vb = matched(a, metric, kl), matched(b, metric, kl)
-        diffs = [va[s] - vb[s] for s in va.keys() & vb.keys()]
-        if diffs:
-            pts.append((kl, statistics.fmean(diffs), diffs))
-    if not pts:
-        return "no seed with both frontiers in the shared KL range"
+    grid = [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+    values = [(matched(a, metric, kl), matched(b, metric, kl)) for kl in grid]
+    # one seed set along the whole comparison (a set that changed along the grid could flip the
+    # mean's sign by itself): the seeds both frontiers have at the range's middle, over the part
+    # of the grid where each of them has both (seeds' own frontiers stop short near the ends)
+    seeds = set(values[n // 2][0]) & set(values[n // 2][1])
+    if not seeds:
+        return "no seed with both frontiers at the shared range's middle"
+    pts = [
+        (kl, statistics.fmean(diffs), diffs)
+        for kl, (va, vb) in zip(grid, values, strict=True)
+        if seeds <= set(va) & set(vb)
+        for diffs in [[va[s] - vb[s] for s in sorted(seeds)]]
+    ]
     cross = []
     for (k0, d0, _), (k1, d1, _) in zip(pts, pts[1:], strict=False):
         if d0 == 0 or d0 * d1 < 0:
@@ -1458,7 +1466,7 @@ def rlhf_noise(runs: dict[str, list[Run]], out: Path) -> str:
 
 def _binned(curves: list[list[dict[str, float]]], bins: int) -> list[dict[str, list[float]]]:
     """Rollout curves of several seeds averaged in ``bins`` equal step bins: per bin, each key's
-    per-seed means (bins some seed has no rollout in are left out)."""
+    per-seed means, and ``_bin``, its index (bins some seed has no rollout in are left out)."""
     curves = [c for c in curves if c]
     if not curves:
         return []
@@ -1472,9 +1480,10 @@ def _binned(curves: list[list[dict[str, float]]], bins: int) -> list[dict[str, l
         ]
         if not all(per_seed):
             continue
-        out.append(
-            {k: [statistics.fmean(r[k] for r in rows) for rows in per_seed] for k in per_seed[0][0]}
-        )
+        means = {
+            k: [statistics.fmean(r[k] for r in rows) for rows in per_seed] for k in per_seed[0][0]
+        }
+        out.append({**means, "_bin": b})
     return out
 
 
@@ -1518,7 +1527,7 @@ def overoptimization(runs: dict[str, list[Run]], out: Path) -> str:
             )
         quarters = _binned([rl_curves(r) for r in g], 4)
         for q, b in enumerate(quarters):
-            prev = quarters[q - 1] if q else None
+            prev = quarters[q - 1] if q and quarters[q - 1]["_bin"] == b["_bin"] - 1 else None
 
             def delta(key: str, b=b, prev=prev) -> str:
                 if prev is None:
@@ -1528,7 +1537,7 @@ def overoptimization(runs: dict[str, list[Run]], out: Path) -> str:
             rows.append(
                 [
                     label if q == 0 else "",
-                    f"{q + 1}/4",
+                    f"{b['_bin'] + 1}/4",
                     fmt_kl(b["rl/kl"]),
                     fmt(b["rl/score"]),
                     delta("rl/score"),
@@ -1574,7 +1583,8 @@ def overoptimization(runs: dict[str, list[Run]], out: Path) -> str:
             table(header, rows),
             "At the end: the final policies' held-out evaluation.",
             table(end_header, end_rows),
-            CAPTION,
+            "Cells: mean ± 95% CI over seeds; KL as geometric mean ×/÷ its 95% factor; capped: "
+            "the largest share of a run's evaluation samples that hit the cap unfinished.",
         ]
     )
 
@@ -1591,7 +1601,10 @@ def closed_form_rl(runs: dict[str, list[Run]], out: Path) -> str:
             curves, last, kept = [], [], []
             for r in g:
                 path = r.path / "closed_form.csv"
-                curve = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
+                curve = []
+                if path.exists():
+                    with open(path, newline="") as f:
+                        curve = list(csv.DictReader(f))
                 if curve:  # a run without the oracle's rows (an old or cut run) is left out
                     curves.append({int(c["step"]): float(c["kl_to_optimal"]) for c in curve})
                     last.append(curve[-1])
@@ -1785,11 +1798,34 @@ def run_sweeps(
 
     order = sorted(studies, key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER))
     sweeps = [sweep for study in order for sweep in SWEEPS.get(study, (study,))]
+    # the runs a study reads from other studies (rlhf_vs_dpo: beta_frontier's DPO runs), where
+    # root has none finished: run them too, first
+    shared = [
+        s
+        for study in order
+        for s in READS.get(study, [])
+        if s not in sweeps and not _finished(root / s)
+    ]
+    sweeps = list(dict.fromkeys(shared + sweeps))
     results: dict[str, tuple[int, float]] = {}
     for phase in ([s for s in sweeps if s not in AFTER], [s for s in sweeps if s in AFTER]):
+        ready = []
+        for s in phase:
+            need = AFTER.get(s)
+            if need is not None and results.get(need, (0, 0.0))[0] != 0:
+                print(f"[studies] {s}: skipped, {need} failed", flush=True)
+                results[s] = (1, 0.0)
+            else:
+                ready.append(s)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            results |= dict(pool.map(one, phase))
+            results |= dict(pool.map(one, ready))
     return results
+
+
+def _finished(sweep: Path) -> bool:
+    """A sweep dir whose Hydra process finished (sweep.json with exit status 0)."""
+    f = sweep / "sweep.json"
+    return f.exists() and json.loads(f.read_text()).get("returncode") == 0
 
 
 # ---------------------------------------------------------------------------------------------

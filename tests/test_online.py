@@ -171,7 +171,7 @@ def test_a_two_step_online_run_trains(cfg_factory, judge):
         "algo=online",
         "trainer.max_steps=2",
         "eval.num_prompts=0",
-        "algo.max_new_tokens=8",
+        "algo.max_new_tokens=16",  # long enough that some pairs are two finished samples
         "trainer.log_every_n_steps=1",
         *extra,
     )
@@ -238,10 +238,12 @@ def test_online_config_errors(cfg_factory):
 
 
 @pytest.mark.slow
-def test_online_run_ended_by_max_steps_extends_exactly(tmp_path):
-    """Online DPO stopped at step 2, resumed to 4: the same samples and pairs as a run of 4
-    straight (the sampling RNG is set at the first resumed step, after the data loader's iterator
-    has drawn its seed, as it had in the uninterrupted run)."""
+@pytest.mark.parametrize("stop", [2, 6], ids=["mid-epoch", "epoch-end"])
+def test_online_run_ended_by_max_steps_extends_exactly(tmp_path, stop):
+    """Online DPO stopped at step ``stop`` (6 steps an epoch: 2 is mid-epoch, 6 its end, where
+    the uninterrupted run validates and starts a new epoch's iterator), resumed to 8: the same
+    samples and pairs as a run of 8 straight. The data loaders draw their iterators' seeds from
+    their own generators, so neither moves the global RNG the samples come from."""
     import csv
 
     from conftest import make_cfg
@@ -266,7 +268,7 @@ def test_online_run_ended_by_max_steps_extends_exactly(tmp_path):
             ]
 
     whole, extended = tmp_path / "whole", tmp_path / "extended"
-    train(make_cfg(whole, *steps, "trainer.max_steps=4"))
-    train(make_cfg(extended, *steps, "trainer.max_steps=2"))
-    train(make_cfg(extended, *steps, "trainer.max_steps=4", "resume=auto"))
-    assert len(rows(whole)) == 4 and rows(whole) == rows(extended)
+    train(make_cfg(whole, *steps, "trainer.max_steps=8"))
+    train(make_cfg(extended, *steps, f"trainer.max_steps={stop}"))
+    train(make_cfg(extended, *steps, "trainer.max_steps=8", "resume=auto"))
+    assert len(rows(whole)) == 8 and rows(whole) == rows(extended)

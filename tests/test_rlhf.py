@@ -174,6 +174,9 @@ def test_rlhf_config_errors(cfg_factory):
                 "+algo.judge.name_or_path=runs/../nowhere/final",
             )
         )
+    with pytest.raises(ConfigError, match="an epoch's last batch has 1 prompts"):
+        build(cfg_factory("algo=ppo", "dataset.max_samples=17", "algo.samples_per_prompt=1",
+                          "algo.num_minibatches=2", "eval.num_prompts=0"))  # fmt: skip
     with pytest.raises(ConfigError, match="sharded path"):
         check_config(cfg_factory("algo=ppo", "trainer=fsdp"))
     # the RL objective composes with β from the top-level key and the algo's default
@@ -455,10 +458,14 @@ def test_ppo_first_update_reproduces_the_rollout_and_the_schedule_counts_updates
 
 
 @pytest.mark.slow
-def test_a_ppo_run_ended_by_max_steps_extends_exactly(tmp_path):
-    """PPO stopped at 4 optimizer steps (2 rollout batches of 2 updates), resumed to 8: the same
-    rollouts (the sampling RNG is in the checkpoint), the same updates (value head, AdamW state,
-    schedule) and the same final policy as a run of 8 straight."""
+@pytest.mark.parametrize("stop", [4, 12], ids=["mid-epoch", "epoch-end"])
+def test_a_ppo_run_ended_by_max_steps_extends_exactly(tmp_path, stop):
+    """PPO stopped after ``stop`` optimizer steps (2 updates a rollout batch, 6 batches an
+    epoch: 4 is mid-epoch, 12 an epoch's end), resumed to 16: the same rollouts (the sampling
+    RNG is in the checkpoint, and the data loaders draw from their own generators, so a new
+    epoch's iterator does not move it), the same updates (value head, AdamW state) and the same
+    final policy as a run of 16 straight. A constant rate: a decaying schedule is sized by the
+    max_steps each run was given."""
     from conftest import make_cfg
     from safetensors.torch import load_file
 
@@ -471,17 +478,17 @@ def test_a_ppo_run_ended_by_max_steps_extends_exactly(tmp_path):
         "checkpoint.every_n_steps=2",
         "trainer.log_every_n_steps=1",
         "eval.num_prompts=0",
-        "optim.scheduler.decay=linear",
+        "optim.scheduler=null",
     ]
     whole, extended = tmp_path / "whole", tmp_path / "extended"
-    train(make_cfg(whole, *steps, "trainer.max_steps=8"))
-    train(make_cfg(extended, *steps, "trainer.max_steps=4"))
-    summary = train(make_cfg(extended, *steps, "trainer.max_steps=8", "resume=auto"))
-    assert summary["steps"] == 8
+    train(make_cfg(whole, *steps, "trainer.max_steps=16"))
+    train(make_cfg(extended, *steps, f"trainer.max_steps={stop}"))
+    summary = train(make_cfg(extended, *steps, "trainer.max_steps=16", "resume=auto"))
+    assert summary["steps"] == 16
     a, b = _rl_rows(whole), _rl_rows(extended)
-    assert len(a) == len(b) == 4
+    assert len(a) == len(b) == 8
     for x, y in zip(a, b, strict=True):
-        for key in ("rl/score", "rl/kl", "ppo/clipfrac", "ppo/value_loss", "train/lr"):
+        for key in ("rl/score", "rl/kl", "ppo/clipfrac", "ppo/value_loss"):
             assert x.get(key) == y.get(key), (key, x, y)
     wa = load_file(whole / "final" / "model.safetensors")
     wb = load_file(extended / "final" / "model.safetensors")

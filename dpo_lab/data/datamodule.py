@@ -448,6 +448,7 @@ class PreferenceDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             collate_fn=self.loader_collate,
             num_workers=self.num_workers,
+            generator=self._generator(),
             drop_last=self._lone_last(len(self.train_items), self.batch_size, "train"),
             progress=lambda: (
                 trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else 0
@@ -471,8 +472,16 @@ class PreferenceDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size,
             collate_fn=self.loader_collate,
             num_workers=self.num_workers,
+            generator=self._generator(),
             drop_last=self._lone_last(len(self.val_items), self.eval_batch_size, "val"),
         )
+
+    def _generator(self) -> torch.Generator:
+        """Each loader's own generator: a new iterator (each epoch, each validation) draws its
+        workers' base seed from it rather than from the global one, so the global RNG the
+        training step samples from (online DPO, RL, LoRA dropout) moves only with the steps,
+        and a checkpoint's RNG state resumes exactly, mid-epoch or at an epoch's end."""
+        return torch.Generator().manual_seed(self.seed)
 
     def _lone_last(self, n: int, batch_size: int, split: str) -> bool:
         """Unpaired losses need ≥ 2 examples a batch: drop a last batch of one, and say so."""
