@@ -87,6 +87,16 @@ class PerExampleMeans(Metric):
     def compute(self) -> Tensor:
         return torch.stack([self.totals, self.counts])
 
+    def means(self) -> dict[str, Tensor]:
+        """Per-example means over everything added since the last reset, reduced over ranks
+        (every rank calls this). Names with no example anywhere are left out."""
+        if not self._update_count:  # nothing added (a skipped step): nothing to report
+            return {}
+        totals, counts = self.compute().cpu()  # the one device sync
+        return {
+            k: (t / c).float() for k, t, c in zip(self.names, totals, counts, strict=True) if c > 0
+        }
+
 
 class PreferenceMetrics(nn.Module):
     """The metrics of one split; ``paired`` says once which kind of data it describes."""
@@ -139,16 +149,8 @@ class PreferenceMetrics(nn.Module):
         return values
 
     def compute(self) -> dict[str, Tensor]:
-        """Per-example means over everything added since the last reset, reduced over ranks
-        (every rank calls this). Names with no example anywhere are left out."""
-        if not self.means._update_count:  # nothing added (a skipped step): nothing to report
-            return {}
-        totals, counts = self.means.compute().cpu()  # the one device sync
-        return {
-            k: (t / c).float()
-            for k, t, c in zip(self.means.names, totals, counts, strict=True)
-            if c > 0
-        }
+        """``PerExampleMeans.means``: per-example means, reduced over ranks."""
+        return self.means.means()
 
     def reset(self) -> None:
         self.means.reset()

@@ -47,6 +47,7 @@ from dpo_lab.data.collate import batch_sequences
 from dpo_lab.errors import ConfigError
 from dpo_lab.faults import rng_state, set_rng_state
 from dpo_lab.logps import completion_logps
+from dpo_lab.metrics import PerExampleMeans
 from dpo_lab.module import clip_gradients
 from dpo_lab.online import RewardModelJudge, as_judge
 from dpo_lab.sampling import generate, stop_token_ids
@@ -208,34 +209,6 @@ def reward_scores(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return F.linear(h.float(), head.weight.float(), bias)[:, 0]
 
 
-class _Sums:
-    """Per-example sums and counts of named values, reduced over processes at ``compute``."""
-
-    def __init__(self, names: Sequence[str]):
-        self.names = list(names)
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums = torch.zeros(2 * len(self.names), dtype=torch.float64)
-
-    def add(self, name: str, values: Tensor) -> None:
-        i = self.names.index(name)
-        self.sums[2 * i] += values.detach().double().sum().cpu()
-        self.sums[2 * i + 1] += values.numel()
-
-    def compute(self, module: L.LightningModule) -> dict[str, float]:
-        sums = self.sums.to(module.device)
-        trainer = module._trainer
-        if trainer is not None and trainer.world_size > 1:
-            sums = trainer.strategy.reduce(sums, reduce_op="sum")
-        sums = sums.cpu()
-        return {
-            n: (sums[2 * i] / sums[2 * i + 1]).item()
-            for i, n in enumerate(self.names)
-            if sums[2 * i + 1] > 0
-        }
-
-
 RM_METRICS = ("loss", "accuracies", "margins", "chosen", "rejected", "true_accuracies")
 
 
@@ -262,7 +235,10 @@ class RewardModelModule(L.LightningModule):
         self.model = model
         self._optimizer, self._scheduler = optimizer, scheduler
         self.true_margins = true_margins or {}
-        self.sums = {"train": _Sums(RM_METRICS), "val": _Sums(RM_METRICS)}
+        # per-example means over micro-batches and ranks, as PreferenceModule's (submodules:
+        # they move with the module and reduce over processes)
+        self.train_means = PerExampleMeans(list(RM_METRICS))
+        self.val_means = PerExampleMeans(list(RM_METRICS))
         self.validated_at: int | None = None  # the step of the last validation
 
     def on_fit_start(self) -> None:
@@ -273,18 +249,21 @@ class RewardModelModule(L.LightningModule):
         B = len(batch["index"])
         chosen, rejected = scores[:B], scores[B:]
         losses = bradley_terry_loss(chosen, rejected)
-        sums = self.sums[split]
-        sums.add("loss", losses)
-        sums.add("accuracies", (chosen > rejected).float())
-        sums.add("margins", chosen - rejected)
-        sums.add("chosen", chosen)
-        sums.add("rejected", rejected)
+        agree = chosen.new_zeros(0)  # no example where the data has no true reward
         true = self.true_margins.get(split)
         if true is not None:
-            margin = true[batch["index"].cpu()]
+            margin = true[batch["index"].cpu()].to(chosen.device)
             known = margin != 0  # a tie under the true reward has no clean label
-            agree = ((chosen - rejected).detach().cpu() > 0) == (margin > 0)
-            sums.add("true_accuracies", agree[known].float())
+            agree = (((chosen - rejected) > 0) == (margin > 0))[known].float()
+        values = {
+            "loss": losses,
+            "accuracies": (chosen > rejected).float(),
+            "margins": chosen - rejected,
+            "chosen": chosen,
+            "rejected": rejected,
+            "true_accuracies": agree,
+        }
+        (self.train_means if split == "train" else self.val_means).update(values)
         return losses.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -297,16 +276,16 @@ class RewardModelModule(L.LightningModule):
         }
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        means = self.sums["train"].compute(self)
-        self.sums["train"].reset()
+        means = self.train_means.means()
+        self.train_means.reset()
         self.log_dict({f"train/rm/{k}": v for k, v in means.items()}, on_step=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        means = self.sums["val"].compute(self)
-        self.sums["val"].reset()
+        means = self.val_means.means()
+        self.val_means.reset()
         self.log_dict({f"val/rm/{k}": v for k, v in means.items()})
         self.validated_at = self.trainer.global_step  # finish validates again if training went on
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_lab import packing, rlhf
 from dpo_lab.callbacks import DisplacementProbe
-from dpo_lab.data.datamodule import PreferenceDataModule
+from dpo_lab.data.datamodule import PreferenceDataModule, true_margins
 from dpo_lab.data.formats import prepare
 from dpo_lab.data.sources import PreferenceData
 from dpo_lab.errors import ConfigError, DpoLabError
@@ -163,8 +163,7 @@ def check_rlhf_config(cfg: DictConfig) -> None:
             )
     if cfg.reference.precompute:
         raise ConfigError(f"reference.precompute: algo={algo} scores new samples every step")
-    callbacks = [c for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if any(str(c.get("_target_", "")).endswith("ReferenceUpdate") for c in callbacks):
+    if _updates_reference(cfg):
         raise ConfigError(
             f"callbacks.reference_update (TR-DPO) is for DPO-style losses, not algo={algo}"
         )
@@ -174,6 +173,12 @@ def check_rlhf_config(cfg: DictConfig) -> None:
             f"trainer.strategy={strategy}: algo={algo} runs on one device or DDP (trainer=ddp); "
             "its sharded path is not built yet"
         )
+
+
+def _updates_reference(cfg: DictConfig) -> bool:
+    """Whether the callbacks group has TR-DPO's ``ReferenceUpdate``."""
+    callbacks = [c for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    return any(str(c.get("_target_", "")).endswith("ReferenceUpdate") for c in callbacks)
 
 
 def check_config(cfg: DictConfig) -> tuple[LossSpec | None, dict[str, Any]]:
@@ -201,8 +206,7 @@ def check_config(cfg: DictConfig) -> tuple[LossSpec | None, dict[str, Any]]:
             raise ConfigError(f"beta must be a number > 0 for loss={spec.name}, got {beta!r}")
     elif cfg.beta is not None:
         raise ConfigError(f"loss={spec.name} takes no beta; got beta={cfg.beta!r} (leave it unset)")
-    callbacks = [c for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if any(str(c.get("_target_", "")).endswith("ReferenceUpdate") for c in callbacks):
+    if _updates_reference(cfg):
         if not spec.reference:
             raise ConfigError(
                 f"callbacks.reference_update (TR-DPO) moves the reference model, and "
@@ -377,13 +381,7 @@ def build(cfg: DictConfig) -> Run:
     loggers = build_loggers(cfg, out, datamodule, resuming=ckpt_path is not None)
     trainer = build_trainer(cfg, loggers, build_callbacks(cfg, data, tokenizer, spec, loggers))
     check_strategy(trainer, policy)
-    # Lightning casts the policy for *-true precisions, DeepSpeed and FSDP's param_dtype; the
-    # reference is not the module's, so it gets the same compute dtype here (unless named)
-    cast = compute_dtype(trainer)
-    own_weights = isinstance(reference_model, PeftReference)  # LoRA: the policy's own, cast
-    if reference_model is not None and cast is not None and not own_weights:
-        if cfg.reference.dtype is None:
-            reference_model.to(cast)
+    _cast_reference(cfg, trainer, reference_model)
 
     logps = OmegaConf.to_container(cfg.logps)  # completion_logps settings, the same everywhere
     reference = None
@@ -474,7 +472,7 @@ def build_rlhf(cfg: DictConfig, out: Path) -> Run:
     scheduler = instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None
     if algo == "reward_model":
         true = {
-            split: _true_margins(rows, data.reward_fn)
+            split: true_margins(rows, data.reward_fn)
             for split, rows in (("train", data.train), ("val", data.val))
         }
         module: Any = rlhf.RewardModelModule(model, optimizer, scheduler, true)
@@ -482,13 +480,7 @@ def build_rlhf(cfg: DictConfig, out: Path) -> Run:
             cfg, out, None, data, path, tokenizer, datamodule, module, loggers, trainer, ckpt_path
         )
     check_strategy(trainer, policy)
-    cast = compute_dtype(trainer)
-    if (
-        cast is not None
-        and cfg.reference.dtype is None
-        and not isinstance(reference_model, PeftReference)
-    ):
-        reference_model.to(cast)
+    _cast_reference(cfg, trainer, reference_model)
     logps = OmegaConf.to_container(cfg.logps)
     if algo == "ppo":  # a batch takes several optimizer steps: checkpoint where a batch ends
         _checkpoint_at_batch_ends(trainer, cfg.algo.epochs * cfg.algo.num_minibatches)
@@ -522,6 +514,17 @@ def build_rlhf(cfg: DictConfig, out: Path) -> Run:
     )
 
 
+def _cast_reference(cfg: DictConfig, trainer: L.Trainer, reference_model: Any) -> None:
+    """Lightning casts the policy for *-true precisions, DeepSpeed and FSDP's param_dtype; the
+    reference is not the module's, so it gets the same compute dtype here (unless
+    ``reference.dtype`` names one; a LoRA reference is the policy's own weights, cast with it)."""
+    cast = compute_dtype(trainer)
+    own_weights = isinstance(reference_model, PeftReference)
+    if reference_model is not None and cast is not None and not own_weights:
+        if cfg.reference.dtype is None:
+            reference_model.to(cast)
+
+
 def _checkpoint_at_batch_ends(trainer: L.Trainer, updates: int) -> None:
     """``checkpoint.every_n_steps`` rounded up to a multiple of a PPO batch's ``updates``:
     Lightning checks it once per batch, against a step that advances by ``updates``."""
@@ -537,16 +540,6 @@ def _checkpoint_at_batch_ends(trainer: L.Trainer, updates: int) -> None:
                 f"(algo.epochs × algo.num_minibatches), so it checkpoints every {rounded}"
             )
             cb._every_n_train_steps = rounded
-
-
-def _true_margins(rows: list[dict[str, Any]], reward_fn: Any) -> torch.Tensor | None:
-    """r(x, y_c) − r(x, y_r) of every row under the task's true reward (None without one)."""
-    if reward_fn is None:
-        return None
-    return torch.tensor(
-        [reward_fn(r["prompt"], r["chosen"]) - reward_fn(r["prompt"], r["rejected"]) for r in rows],
-        dtype=torch.float64,
-    )
 
 
 def build_data(

@@ -1501,19 +1501,20 @@ def overoptimization(runs: dict[str, list[Run]], out: Path) -> str:
     rows, seed_rows, end_rows = [], [], []
     for i, (arm, label) in enumerate(OVEROPT_ARMS.items()):
         g = sorted((r for r in rl if r.arm == arm), key=lambda r: r.get("seed"))
-        g = [r for r in g if rl_curves(r)]
+        curve_of = {r.path: c for r in g if (c := rl_curves(r))}  # each metrics.csv read once
+        g = [r for r in g if r.path in curve_of]
         if not g:
             continue
         n = arm.removeprefix("rm")
         rms = {r.get("seed"): r for r in rm_runs if str(r.get("dataset.max_samples")) == n}
         color = plt.get_cmap("tab10")(i)
         for j, r in enumerate(g):
-            binned = _binned([rl_curves(r)], 24)
+            binned = _binned([curve_of[r.path]], 24)
             x = [math.sqrt(max(b["rl/kl"][0], 0.0)) for b in binned]
             for ax, key in ((ax1, "rl/true_reward"), (ax2, "rl/score")):
                 ax.plot(x, [b[key][0] for b in binned], color=color, ls=("-", "--", ":")[j % 3],
                         marker="o", ms=2, label=f"{label}, seed {r.get('seed')}")  # fmt: skip
-            quarters = _binned([rl_curves(r)], 4)
+            quarters = _binned([curve_of[r.path]], 4)
             rm = rms.get(r.get("seed"))
             seed_rows.append(
                 [
@@ -1525,7 +1526,7 @@ def overoptimization(runs: dict[str, list[Run]], out: Path) -> str:
                     " → ".join(f"{q['rl/true_reward'][0]:.2f}" for q in quarters),
                 ]
             )
-        quarters = _binned([rl_curves(r) for r in g], 4)
+        quarters = _binned([curve_of[r.path] for r in g], 4)
         for q, b in enumerate(quarters):
             prev = quarters[q - 1] if q and quarters[q - 1]["_bin"] == b["_bin"] - 1 else None
 

@@ -312,6 +312,17 @@ class LengthGroupedSampler(EpochSampler):
         ]
 
 
+def true_margins(rows: list[dict[str, Any]], reward_fn: Any) -> torch.Tensor | None:
+    """(N,) float64 r(x, y_c) − r(x, y_r) of paired ``rows`` under the task's true reward, or
+    None for data without one."""
+    if reward_fn is None:
+        return None
+    return torch.tensor(
+        [reward_fn(r["prompt"], r["chosen"]) - reward_fn(r["prompt"], r["rejected"]) for r in rows],
+        dtype=torch.float64,
+    )
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning checkpoints with the run (it implements ``state_dict``).
 
@@ -418,18 +429,13 @@ class PreferenceDataModule(L.LightningDataModule):
     def probe_true_margins(self) -> torch.Tensor | None:
         """r(chosen) − r(rejected) of the probe pairs under the task's true reward, where the
         data has one and it tells some pair apart."""
-        if self.data.reward_fn is None or not self.probe_items:
+        if not self.probe_items:
             return None
         rows = {r["id"]: r for r in self.data.val}
-        r = self.data.reward_fn
-        margins = [
-            r(rows[it["id"]]["prompt"], rows[it["id"]]["chosen"])
-            - r(rows[it["id"]]["prompt"], rows[it["id"]]["rejected"])
-            for it in self.probe_items
-        ]
-        if not any(m != 0 for m in margins):
+        margins = true_margins([rows[it["id"]] for it in self.probe_items], self.data.reward_fn)
+        if margins is None or not bool((margins != 0).any()):
             return None
-        return torch.tensor(margins, dtype=torch.float64)
+        return margins
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
